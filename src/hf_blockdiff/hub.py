@@ -1,0 +1,132 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Model cards (from ``MODEL_CARD_TEMPLATE.md``) and pushing a finished folder to the Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TEMPLATE_PATH = Path(__file__).with_name("MODEL_CARD_TEMPLATE.md")
+CARD_INFO_FILE = "blockdiff_card.json"  # what the card was rendered from, so a later push or training can re-render
+REQUIRED_FILES = ("config.json", "generation_config.json", "README.md", "modeling_blockdiff.py", "masks.py", "denoise.py")
+
+
+def render_model_card(
+    config,
+    base_model: str | None = None,
+    license: str | None = None,
+    conversion: dict | None = None,
+    training: dict | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+) -> ModelCard:
+    """The model card of a block-diffusion checkpoint, rendered from ``MODEL_CARD_TEMPLATE.md``."""
+    architecture = (config.architectures or [config.model_type])[0].replace("BlockDiffusion", "")
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        tags=["block-diffusion", "hf_blockdiff", config.model_type],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name or (repo_id.split("/")[-1] if repo_id else f"Block-diffusion {architecture}"),
+        repo_id=repo_id or "path/to/this/folder",
+        architecture=architecture,
+        block_size=getattr(config, "block_size", 1),
+        threshold=0.9,
+        conversion=conversion or {"block_size": getattr(config, "block_size", 1), "mask_token_id": config.mask_token_id},
+        training=training,
+    )
+
+
+def write_model_card(directory, config, **info) -> Path:
+    """Render the card into ``directory/README.md`` and keep its inputs next to it."""
+    directory = Path(directory)
+    render_model_card(config, **info).save(directory / "README.md")
+    (directory / CARD_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return directory / "README.md"
+
+
+def update_model_card(directory, **changes) -> Path:
+    """Re-render a folder's card with some inputs changed (e.g. ``training=...`` or ``repo_id=...``)."""
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    info_path = directory / CARD_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info.update({k: v for k, v in changes.items() if v is not None})
+    return write_model_card(directory, AutoConfig.from_pretrained(directory), **info)
+
+
+def check_folder(directory) -> Path:
+    """A folder ready to push: everything a block-diffusion checkpoint needs, or a clear error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory.")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if not any(directory.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} is not a complete block-diffusion checkpoint (missing: {', '.join(missing)}). "
+            "Make it with `hf_blockdiff convert` or save a converted model with `save_pretrained`."
+        )
+    config = json.loads((directory / "config.json").read_text())
+    if "AutoModelForCausalLM" not in config.get("auto_map", {}):
+        raise ValueError(f"{directory}/config.json has no auto_map entry for AutoModelForCausalLM.")
+    return directory
+
+
+def push_to_hub(directory, repo_id: str, private: bool | None = None, revision: str | None = None,
+                token: str | None = None, commit_message: str | None = None) -> str:  # fmt: skip
+    """Upload a finished folder as it is (our card included) and return the commit URL.
+
+    Local files are never modified except the card's snippet, which is re-rendered to name ``repo_id``.
+    Without a network this fails fast with a message that says so.
+    """
+    directory = check_folder(directory)
+    if (directory / CARD_INFO_FILE).is_file():
+        update_model_card(directory, repo_id=repo_id)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(directory),
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message or "Upload block-diffusion checkpoint (hf_blockdiff)",
+        )
+    except Exception as error:  # noqa: BLE001 - re-raised with what the user needs to know
+        if _is_offline_error(error):
+            raise ConnectionError(
+                f"Could not reach the Hugging Face Hub to push {directory} to {repo_id} ({type(error).__name__}). "
+                "Check the network (HF_HUB_OFFLINE must be unset); the local folder is untouched."
+            ) from error
+        raise
+    return str(getattr(info, "commit_url", info))
+
+
+def _is_offline_error(error: BaseException) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    names = {type(e).__name__ for e in _chain(error)}
+    return isinstance(error, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) or bool(
+        names & {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError", "OfflineModeIsEnabled",
+                 "MaxRetryError", "ReadTimeout", "LocalEntryNotFoundError"}  # fmt: skip
+    )
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__

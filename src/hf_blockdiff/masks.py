@@ -1,0 +1,227 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Context-causal attention masks (DESIGN.md 2.1, 2.3): the one module that owns them.
+
+Hub-portable: imports only torch and transformers.
+
+Every mask is described by per-token metadata and one rule, :func:`context_causal_rule`. The boolean mask
+for sdpa, the additive float mask for eager and the flex-attention ``BlockMask`` are all evaluated from that
+same rule, so the backends cannot disagree on what may attend to what.
+
+Token metadata (one row per sequence, one column per key position):
+
+- ``stream``: ``CLEAN`` (-1) for committed/clean tokens, ``0..S-1`` for the S noisy copies;
+- ``block``: block index. Context tokens (prompt) get distinct negative ids, so each is its own block;
+- ``position``: the rotary position id (sliding windows are measured on it, never on the raw index);
+- ``valid``: False for padding.
+
+The rule, for a query ``q`` and key ``k`` (both absolute indices into the key sequence):
+
+- clean query: clean keys with ``k <= q`` (token-causal, exactly the AR model);
+- noisy query: noisy keys of its own copy and block (bidirectional), clean keys of earlier blocks;
+- never a padding key; never a key further back than the layer's sliding window;
+- every query may attend itself, so a padding row is never empty (an empty row is NaN in sdpa).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CLEAN = -1
+IGNORE_INDEX = -100
+
+# Attention implementations that accept an arbitrary mask. Flash-attention only knows causal/sliding
+# patterns and cannot express a bidirectional block next to a causal context.
+MASKABLE_BACKENDS = ("sdpa", "eager", "flex_attention")
+
+
+def attention_backend(config) -> str:
+    """The model's attention implementation, or a clear error when it cannot take our mask."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl in MASKABLE_BACKENDS:
+        return impl
+    hint = (
+        "Reload the model with attn_implementation='sdpa' (works everywhere) or 'flex_attention' (CUDA), "
+        "e.g. AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation='sdpa')."
+    )
+    if "flash" in impl:
+        raise ValueError(
+            f"Block diffusion needs a context-causal attention mask (bidirectional inside the active block, "
+            f"causal over the context), which {impl!r} cannot express. {hint}"
+        )
+    raise ValueError(f"Attention implementation {impl!r} does not take a custom attention mask. {hint}")
+
+
+def layer_windows(config, per_layer_type: bool) -> dict[str | None, int | None]:
+    """Sliding window of every mask the model consumes: ``{layer_type: window}`` or ``{None: window}``.
+
+    A stock model applies its sliding window while building its own mask; a 4D mask passed in replaces that,
+    so the window must live inside our mask. Models with several layer types take one mask per type.
+    """
+    cfg = config.get_text_config(decoder=True)
+    if not per_layer_type:
+        return {None: getattr(cfg, "sliding_window", None)}
+    windows: dict[str | None, int | None] = {}
+    for layer_type in sorted(set(cfg.layer_types)):
+        if layer_type == "full_attention":
+            windows[layer_type] = None
+        elif layer_type == "sliding_attention":
+            windows[layer_type] = cfg.sliding_window
+        else:
+            raise NotImplementedError(
+                f"Layer type {layer_type!r} is not supported by the context-causal mask (supported: "
+                "'full_attention', 'sliding_attention')."
+            )
+    return windows
+
+
+@dataclass
+class TokenMeta:
+    """Per-token metadata of the key sequence, each ``(batch, kv_len)``. See the module docstring."""
+
+    stream: torch.Tensor
+    block: torch.Tensor
+    position: torch.Tensor
+    valid: torch.Tensor
+
+    def padded_to(self, length: int) -> "TokenMeta":
+        """Pad with invalid clean tokens, so that kernels reading past the end stay in bounds."""
+        extra = length - self.stream.shape[1]
+        if extra <= 0:
+            return self
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, extra), value=value)
+
+        return TokenMeta(pad(self.stream, CLEAN), pad(self.block, 0), pad(self.position, 0), pad(self.valid, False))
+
+
+def context_causal_rule(meta: TokenMeta, q_offset: int, window: int | None):
+    """The mask rule as ``rule(batch, head, q, kv) -> bool``; queries are keys ``q_offset ..`` of the sequence.
+
+    Written with tensor ops only, so the same function is evaluated densely (broadcast index tensors) and as a
+    flex-attention ``mask_mod`` (scalar index tensors).
+    """
+    stream, block, position, valid = meta.stream, meta.block, meta.position, meta.valid
+
+    def rule(b, h, q, kv):
+        qa = q + q_offset
+        q_stream, k_stream = stream[b, qa], stream[b, kv]
+        q_block, k_block = block[b, qa], block[b, kv]
+        k_clean = k_stream == CLEAN
+        from_clean_query = k_clean & (kv <= qa)
+        from_noisy_query = torch.where(k_clean, k_block < q_block, (k_stream == q_stream) & (k_block == q_block))
+        allowed = torch.where(q_stream == CLEAN, from_clean_query, from_noisy_query) & valid[b, kv]
+        if window is not None:
+            allowed = allowed & (position[b, qa] - position[b, kv] < window)
+        return allowed | (qa == kv)
+
+    return rule
+
+
+def dense_mask(rule, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Evaluate a rule on the full grid: a ``(batch, 1, q_len, kv_len)`` bool tensor (True = attend)."""
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    q = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
+    kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
+    return rule(b, None, q, kv)
+
+
+FLEX_TILE = 128
+
+
+def flex_block_mask(meta: TokenMeta, q_offset: int, window: int | None, q_len: int, kv_len: int, device):
+    """The rule as a flex-attention ``BlockMask``: empty tiles are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # The kernel may evaluate the mask up to the end of the last tile; padding keeps those reads in bounds.
+    def round_up(n):
+        return -(-n // FLEX_TILE) * FLEX_TILE
+
+    rule = context_causal_rule(meta.padded_to(max(q_offset + round_up(q_len), round_up(kv_len))), q_offset, window)
+    return create_block_mask(rule, meta.stream.shape[0], None, q_len, kv_len, device=device)
+
+
+def render_mask(meta: TokenMeta, q_offset: int, q_len: int, window: int | None, backend: str, dtype):
+    """The mask in the format ``backend`` consumes: bool (sdpa), additive float (eager) or BlockMask (flex)."""
+    batch, kv_len = meta.stream.shape
+    device = meta.stream.device
+    if backend == "flex_attention":
+        return flex_block_mask(meta, q_offset, window, q_len, kv_len, device)
+    allowed = dense_mask(context_causal_rule(meta, q_offset, window), batch, q_len, kv_len, device)
+    if backend == "eager":
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return allowed
+
+
+def render_masks(config, meta: TokenMeta, q_offset: int, q_len: int, dtype, per_layer_type: bool):
+    """One mask per layer type (a dict, for models that take a mapping) or a single mask."""
+    backend = attention_backend(config)
+    rendered: dict[int | None, object] = {}
+    masks = {}
+    for layer_type, window in layer_windows(config, per_layer_type).items():
+        if window not in rendered:  # layer types with the same window share one mask
+            rendered[window] = render_mask(meta, q_offset, q_len, window, backend, dtype)
+        masks[layer_type] = rendered[window]
+    return masks[None] if None in masks else masks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def block_grid(block_size: int, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+    """Block index and in-block offset of every token, two ``(batch, length)`` tensors.
+
+    The block grid starts at the first supervised token (first ``labels != -100``; the first real token when
+    no labels are given), as at inference where block 0 starts right after the prompt. Tokens before it are
+    context: each gets its own negative block id, so the noisy copy of a context token sees exactly what its
+    clean copy sees, and offset -1. Offset 0 marks a block-first token. Blocks need not align across rows.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    supervised = attention_mask.bool() if labels is None else (labels != IGNORE_INDEX)
+    length = supervised.shape[1]
+    index = torch.arange(length, device=supervised.device)
+    start = torch.where(supervised, index, length).min(dim=1).values  # `length` when the row is all context
+    rel = index.unsqueeze(0) - start.unsqueeze(1)
+    blocks = torch.where(rel >= 0, torch.div(rel, block_size, rounding_mode="floor"), rel)
+    offsets = torch.where(rel >= 0, rel % block_size, -1)
+    return blocks, offsets
+
+
+def positions_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding (left or right), as transformers' generate computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def training_meta(blocks: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> TokenMeta:
+    """Metadata of the training layout ``[x_t^1; ..; x_t^S; x]``: S noisy copies, then the clean sequence."""
+    batch, length = blocks.shape
+    stream = torch.arange(copies + 1, device=blocks.device)
+    stream[-1] = CLEAN
+    return TokenMeta(
+        stream=stream.repeat_interleave(length).unsqueeze(0).expand(batch, -1),
+        block=blocks.repeat(1, copies + 1),
+        position=positions.repeat(1, copies + 1),
+        valid=attention_mask.bool().repeat(1, copies + 1),
+    )
+
+
+def denoise_meta(prefix_positions: torch.Tensor, prefix_valid: torch.Tensor, block_positions: torch.Tensor) -> TokenMeta:
+    """Metadata of one denoising step: a noisy block against the cached clean prefix ``[prefix; block]``."""
+    batch, size = block_positions.shape
+    prefix_len = prefix_positions.shape[1]
+    device = block_positions.device
+    stream = torch.cat(
+        [torch.full((prefix_len,), CLEAN, device=device), torch.zeros(size, dtype=torch.long, device=device)]
+    )
+    block = torch.cat([torch.full((prefix_len,), -1, device=device), torch.zeros(size, dtype=torch.long, device=device)])
+    return TokenMeta(
+        stream=stream.unsqueeze(0).expand(batch, -1),
+        block=block.unsqueeze(0).expand(batch, -1),
+        position=torch.cat([prefix_positions, block_positions], dim=1),
+        valid=torch.cat([prefix_valid.bool(), torch.ones(batch, size, dtype=torch.bool, device=device)], dim=1),
+    )

@@ -1,0 +1,311 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Block-diffusion causal LMs: one mixin, thin subclasses of the stock ``XxxForCausalLM`` classes.
+
+Hub-portable: imports only torch, transformers and its sibling files, which ``save_pretrained`` copies next to
+the weights (``auto_map`` points here), so a converted checkpoint loads with ``trust_remote_code=True`` where
+``hf_blockdiff`` is not installed.
+
+- A plain call is the stock causal-LM forward: at block size 1 the model *is* the AR model.
+- ``model(input_ids=x, noisy_input_ids=x_t, labels=..., block_size=b)`` runs the two-stream training pass of
+  DESIGN.md 2.3 in one forward and returns ``loss``, ``diffusion_loss`` and ``ar_loss``.
+- ``model.generate(...)`` decodes block by block (see ``denoise.py``).
+
+Adding an architecture: a thin subclass decorated with ``@register(model_type)``; pass ``per_layer_type=True``
+when its base model takes one mask per layer type (``config.layer_types``). The conformance tests then say
+whether it really honours the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.gemma2.modeling_gemma2 import Gemma2ForCausalLM
+from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+from transformers.models.olmo2.modeling_olmo2 import Olmo2ForCausalLM
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
+
+from .denoise import generate_blocks
+from .masks import IGNORE_INDEX, block_grid, positions_from_padding, render_masks, training_meta
+
+# Rows of hidden states turned into logits at once in the loss; bounds the (rows x vocab) activation memory.
+LOSS_CHUNK_ROWS = 4096
+
+
+@dataclass
+class BlockDiffusionOutput(ModelOutput):
+    """Output of the two-stream training forward.
+
+    ``loss = diffusion_loss + ar_loss_weight * ar_loss``. ``diffusion_loss`` is the (optionally weighted) sum of
+    cross-entropies at masked positions divided by the number of masked supervised tokens; ``ar_loss`` is the
+    next-token cross-entropy on the clean copy summed over supervised tokens and divided by their number (the
+    stock causal-LM loss). Both are per-forward means. The mask token is left out of the softmax (it is never a
+    target), so ``ar_loss`` equals the source model's loss. No full-vocabulary logits are returned.
+    """
+
+    loss: torch.FloatTensor | None = None
+    diffusion_loss: torch.FloatTensor | None = None
+    ar_loss: torch.FloatTensor | None = None
+    num_masked_tokens: torch.LongTensor | None = None
+    num_ar_tokens: torch.LongTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class BlockDiffusionMixin:
+    """Everything block-diffusion; mixed in before a stock ``XxxForCausalLM``."""
+
+    # `save_pretrained` writes `auto_map` and copies this file (and its relative imports) next to the weights.
+    _auto_class = "AutoModelForCausalLM"
+    # Whether the base model takes `{layer_type: mask}` instead of one mask (set by `register`).
+    _mask_per_layer_type = False
+
+    # -- configuration ---------------------------------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        mask_token_id = getattr(self.config, "mask_token_id", None)
+        if mask_token_id is None:
+            raise ValueError(
+                "config.mask_token_id is not set: this model was not converted to block diffusion. "
+                "Convert it first with `hf_blockdiff.convert_model(model, tokenizer)` or `hf_blockdiff convert`."
+            )
+        return mask_token_id
+
+    def _block_size(self, block_size: int | None) -> int:
+        block_size = block_size if block_size is not None else getattr(self.config, "block_size", None) or 1
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+        return block_size
+
+    def block_diffusion_masks(self, meta, q_offset: int, q_len: int):
+        """Masks for the base model, in its attention backend's format (one per layer type if it needs that)."""
+        return render_masks(self.config, meta, q_offset, q_len, self.dtype, self._mask_per_layer_type)
+
+    def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head as the stock forward applies it. Override for heads with extra scaling."""
+        logits = self.lm_head(hidden_states)
+        softcap = getattr(self.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        *,
+        noisy_input_ids: torch.LongTensor | None = None,
+        block_size: int | None = None,
+        ar_loss_weight: float = 0.5,
+        diffusion_loss_weights: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        Without ``noisy_input_ids`` this is the stock causal-LM forward (all its arguments pass through).
+
+        With them, the two-stream training pass (DESIGN.md 2.3):
+
+        noisy_input_ids (``(batch, length)`` or ``(batch, copies, length)``):
+            ``x_t``: copies of ``input_ids`` with some positions replaced by ``config.mask_token_id``. Several
+            copies (complementary masking) share one clean copy: the layout is ``[x_t^1; ..; x_t^S; x]``.
+        labels:
+            As for the stock model (unshifted, ``-100`` = ignore). Defaults to ``input_ids`` outside padding.
+            The block grid starts at the first supervised token. Only masked positions that carry a label and
+            are not the first token of their block are diffusion targets.
+        block_size (``int``): defaults to ``config.block_size``.
+        ar_loss_weight (``float``): weight of the AR loss on the clean copy (``0.5``).
+        diffusion_loss_weights: optional per-token weights of the diffusion loss, shaped like
+            ``noisy_input_ids`` (e.g. ``1/t`` for the ELBO weighting). The normaliser stays the token count.
+        """
+        if noisy_input_ids is None:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                **kwargs,
+            )
+        if inputs_embeds is not None or past_key_values is not None:
+            raise ValueError("The two-stream training forward takes `input_ids`, not `inputs_embeds` or a cache.")
+        for ignored in ("num_items_in_batch", "use_cache", "logits_to_keep"):  # losses are per-forward means
+            kwargs.pop(ignored, None)
+        return self._two_stream_forward(
+            input_ids, noisy_input_ids, attention_mask, position_ids, labels,
+            self._block_size(block_size), ar_loss_weight, diffusion_loss_weights, **kwargs,
+        )  # fmt: skip
+
+    def two_stream_hidden_states(self, clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs):
+        """Final hidden states of the layout ``[x_t^1; ..; x_t^S; x]``, shaped ``(batch, S + 1, length, hidden)``,
+        and each token's offset in its block (0 = block-first, -1 = context). Inputs as in ``forward``."""
+        batch, copies, length = noisy.shape
+        blocks, offsets = block_grid(block_size, attention_mask, labels)
+        meta = training_meta(blocks, position_ids, attention_mask, copies)
+        hidden = self.model(
+            input_ids=torch.cat([noisy.reshape(batch, copies * length), clean], dim=1),
+            attention_mask=self.block_diffusion_masks(meta, 0, (copies + 1) * length),
+            position_ids=meta.position,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        return hidden.view(batch, copies + 1, length, -1), offsets
+
+    def _two_stream_forward(
+        self, clean, noisy, attention_mask, position_ids, labels, block_size, ar_loss_weight, weights, **kwargs
+    ) -> BlockDiffusionOutput:
+        if noisy.dim() == 2:
+            noisy = noisy.unsqueeze(1)
+            weights = weights.unsqueeze(1) if weights is not None else None
+        batch, copies, length = noisy.shape
+        if clean.shape != (batch, length):
+            raise ValueError(f"noisy_input_ids {tuple(noisy.shape)} does not match input_ids {tuple(clean.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(clean)
+        if labels is None:
+            labels = clean.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        if position_ids is None:
+            position_ids = positions_from_padding(attention_mask)
+
+        hidden, offsets = self.two_stream_hidden_states(
+            clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs
+        )
+        hidden = hidden[:, :, :-1]  # position j-1 predicts token j
+
+        targets = labels[:, 1:]
+        # A target is predicted from the position before it; a padding position predicts nothing.
+        supervised = (targets != IGNORE_INDEX) & attention_mask[:, :-1].bool()
+        # A block-first token is an AR step (predicted from the previous block): never a diffusion target.
+        maskable = supervised & (offsets[:, 1:] > 0)
+        masked = (noisy[:, :, 1:] == self.mask_token_id) & maskable.unsqueeze(1)
+        ar_hidden, ar_targets = hidden[:, copies][supervised], targets[supervised]
+        diff_hidden = hidden[:, :copies][masked]
+        diff_targets = targets.unsqueeze(1).expand(-1, copies, -1)[masked]
+
+        nll = self._token_nll(torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]))
+        diff_nll, ar_nll = nll[: diff_targets.numel()], nll[diff_targets.numel() :]
+        if weights is not None:
+            diff_nll = diff_nll * weights[:, :, 1:][masked].to(diff_nll.dtype)
+        num_masked, num_ar = masked.sum(), supervised.sum()
+        diffusion_loss = diff_nll.sum() / num_masked.clamp(min=1)
+        ar_loss = ar_nll.sum() / num_ar.clamp(min=1)
+        return BlockDiffusionOutput(
+            loss=diffusion_loss + ar_loss_weight * ar_loss,
+            diffusion_loss=diffusion_loss,
+            ar_loss=ar_loss,
+            num_masked_tokens=num_masked,
+            num_ar_tokens=num_ar,
+        )
+
+    def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (float32) for selected rows only; chunks recompute in backward to save memory."""
+
+        # The mask token is never a target and never decoded: leaving it out of the softmax keeps the AR loss
+        # exactly the source model's (its row is new) and spends no probability mass on it.
+        mask_column = torch.tensor([self.mask_token_id], device=hidden.device)
+
+        def nll(h, y):
+            logits = self.logits_from_hidden(h).float().index_fill(1, mask_column, float("-inf"))
+            return F.cross_entropy(logits, y, reduction="none")
+
+        rows = hidden.shape[0]
+        if rows <= LOSS_CHUNK_ROWS or not torch.is_grad_enabled():
+            return nll(hidden, targets)
+        return torch.cat(
+            [
+                checkpoint(nll, hidden[i : i + LOSS_CHUNK_ROWS], targets[i : i + LOSS_CHUNK_ROWS], use_reentrant=False)
+                for i in range(0, rows, LOSS_CHUNK_ROWS)
+            ]
+        )
+
+    # -- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, **kwargs):
+        """Block-wise denoising generation with an exact prefix KV cache; see ``denoise.generate_blocks``.
+
+        Takes the usual arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, ``pad_token_id``, ``min_new_tokens``, ``stopping_criteria``,
+        ``return_dict_in_generate``, ``streamer``) and the block-diffusion ones: ``block_size``, ``threshold``,
+        ``steps_per_block``, ``confidence`` ('probability' | 'margin' | 'entropy') and ``generator``.
+        Defaults come from ``generation_config``. ``block_size=1`` is exactly autoregressive decoding.
+        """
+        return generate_blocks(
+            self, input_ids, attention_mask, generation_config=generation_config, streamer=streamer, **kwargs
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registry: model_type -> block-diffusion class
+
+BLOCK_DIFFUSION_CLASSES: dict[str, type] = {}
+
+
+def register(model_type: str, per_layer_type: bool = False):
+    def add(cls):
+        cls._mask_per_layer_type = per_layer_type
+        BLOCK_DIFFUSION_CLASSES[model_type] = cls
+        return cls
+
+    return add
+
+
+def block_diffusion_class(config) -> type:
+    """The block-diffusion class for a config, or an error that names the supported architectures."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BLOCK_DIFFUSION_CLASSES:
+        raise ValueError(
+            f"Architecture {model_type!r} is not supported by hf_blockdiff. Supported model types: "
+            f"{', '.join(sorted(BLOCK_DIFFUSION_CLASSES))}."
+        )
+    return BLOCK_DIFFUSION_CLASSES[model_type]
+
+
+@register("llama")
+class BlockDiffusionLlamaForCausalLM(BlockDiffusionMixin, LlamaForCausalLM):
+    pass
+
+
+@register("mistral")
+class BlockDiffusionMistralForCausalLM(BlockDiffusionMixin, MistralForCausalLM):
+    pass
+
+
+@register("qwen2", per_layer_type=True)
+class BlockDiffusionQwen2ForCausalLM(BlockDiffusionMixin, Qwen2ForCausalLM):
+    pass
+
+
+@register("qwen3", per_layer_type=True)
+class BlockDiffusionQwen3ForCausalLM(BlockDiffusionMixin, Qwen3ForCausalLM):
+    pass
+
+
+@register("gemma2", per_layer_type=True)
+class BlockDiffusionGemma2ForCausalLM(BlockDiffusionMixin, Gemma2ForCausalLM):
+    pass
+
+
+@register("gemma3_text", per_layer_type=True)
+class BlockDiffusionGemma3ForCausalLM(BlockDiffusionMixin, Gemma3ForCausalLM):
+    pass
+
+
+@register("phi3")
+class BlockDiffusionPhi3ForCausalLM(BlockDiffusionMixin, Phi3ForCausalLM):
+    pass
+
+
+@register("olmo2")
+class BlockDiffusionOlmo2ForCausalLM(BlockDiffusionMixin, Olmo2ForCausalLM):
+    pass

@@ -1,0 +1,159 @@
+"""Every supported architecture x CPU attention backend honours the context-causal mask and stays the AR model
+at block size 1. References are brute force: loop-built masks, one forward per block, the stock model."""
+
+import pytest
+import torch
+
+from helpers import (
+    TOL,
+    ARCH_BACKENDS,
+    EOS,
+    PAD,
+    converted_pair,
+    grid_keys,
+    layer_windows,
+    padded_batch,
+    reference_block_hidden,
+    spec_influence,
+)
+from hf_blockdiff.masks import positions_from_padding
+
+BLOCK = 3
+PROMPT = 3  # rows 0 and 2 start with a 3-token prompt (labels -100)
+
+
+def layout(mask_token_id, seed=0):
+    """Three rows: no padding + prompt; left padding; right padding + prompt. Random masking of maskable slots."""
+    ids, am = padded_batch([12, 9], left=True, seed=seed)
+    right_ids, right_am = padded_batch([12, 10], left=False, seed=seed + 1)
+    ids, am = torch.cat([ids, right_ids[1:]]), torch.cat([am, right_am[1:]])
+    labels = ids.masked_fill(am == 0, -100)
+    labels[1, 3] = -100  # the first real token of a left-padded row has no predecessor to predict it
+    labels[0, :PROMPT] = -100
+    labels[2, :PROMPT] = -100
+    g = torch.Generator().manual_seed(seed)
+    noisy = ids.clone()
+    for r in range(ids.shape[0]):
+        keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
+        for j in range(1, ids.shape[1]):
+            block_first = keys[j][0] == 1 and keys[j - 1] != keys[j]
+            if keys[j][0] == 1 and not block_first and labels[r, j] != -100 and torch.rand((), generator=g) < 0.6:
+                noisy[r, j] = mask_token_id
+    return ids, am, labels, noisy, positions_from_padding(am)
+
+
+def hidden_states(model, ids, am, labels, noisy, pos):
+    with torch.no_grad():
+        hidden, _ = model.two_stream_hidden_states(ids, noisy.unsqueeze(1), am, pos, labels, BLOCK)
+    return hidden  # (batch, 2, length, hidden): [noisy; clean]
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_block_size_1_logits_equal_source(arch, backend):
+    source, model, _ = converted_pair(arch, backend, block_size=1)
+    ids, am = padded_batch([11, 7, 9], left=True)
+    pos = positions_from_padding(am)
+    with torch.no_grad():
+        expected = source(ids, attention_mask=am, position_ids=pos).logits
+        got = model(ids, attention_mask=am, position_ids=pos).logits
+    valid = am.bool()
+    torch.testing.assert_close(got[..., : expected.shape[-1]][valid], expected[valid], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_block_size_1_greedy_equals_source(arch, backend):
+    source, model, _ = converted_pair(arch, backend, block_size=4)
+    ids, am = padded_batch([6, 3, 5], left=True, seed=3)
+    kwargs = dict(max_new_tokens=14, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    expected = source.generate(ids, attention_mask=am, **kwargs)
+    got = model.generate(ids, attention_mask=am, block_size=1, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_training_mask_by_perturbation(arch, backend):
+    """Changing any input token changes exactly the outputs that may (transitively, over the layers) see it."""
+    _, model, _ = converted_pair(arch, backend, block_size=BLOCK)
+    ids, am, labels, noisy, pos = layout(model.config.mask_token_id)
+    base = hidden_states(model, ids, am, labels, noisy, pos)
+    windows = layer_windows(model.config)
+    length = ids.shape[1]
+    for r in range(ids.shape[0]):
+        keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
+        influence = spec_influence(keys, am[r].bool().tolist(), pos[r].tolist(), 1, windows)
+        for stream in (0, 1):
+            for j in range(length):
+                x, x_t = ids.clone(), noisy.clone()
+                target = x_t if stream == 0 else x
+                target[r, j] = (target[r, j] + 7) % 50
+                diff = (hidden_states(model, x, am, labels, x_t, pos) - base).abs().amax(-1)  # (batch, 2, length)
+                assert diff[torch.arange(ids.shape[0]) != r].max() == 0, "a change leaked into another row"
+                changed = (diff[r] > 0).flatten().tolist()
+                expected = [influence[q][stream * length + j] for q in range(2 * length)]
+                assert changed == expected, f"row {r}, stream {stream}, position {j}"
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_clean_copy_equals_causal_forward(arch, backend):
+    _, model, _ = converted_pair(arch, backend, block_size=BLOCK)
+    ids, am, labels, noisy, pos = layout(model.config.mask_token_id)
+    hidden = hidden_states(model, ids, am, labels, noisy, pos)
+    with torch.no_grad():
+        expected = model.model(ids, attention_mask=am, position_ids=pos).last_hidden_state
+    valid = am.bool()
+    torch.testing.assert_close(hidden[:, 1][valid], expected[valid], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_noisy_blocks_equal_reference_forward(arch, backend):
+    """Each noisy block (context tokens are one-token blocks) equals a forward of the block on its clean prefix."""
+    _, model, _ = converted_pair(arch, backend, block_size=BLOCK)
+    ids, am, labels, noisy, pos = layout(model.config.mask_token_id)
+    hidden = hidden_states(model, ids, am, labels, noisy, pos)
+    checked = 0
+    for r in range(ids.shape[0]):
+        keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
+        valid = am[r].bool().tolist()
+        for key in sorted(set(k for k, v in zip(keys, valid) if v)):
+            members = [j for j, (k, v) in enumerate(zip(keys, valid)) if k == key and v]
+            start = members[0]
+            with torch.no_grad():
+                ref = reference_block_hidden(
+                    model, ids[r, :start].tolist(), valid[:start], pos[r, :start].tolist(),
+                    noisy[r, members].tolist(), pos[r, members].tolist(),
+                )  # fmt: skip
+            torch.testing.assert_close(hidden[r, 0, members], ref, rtol=TOL, atol=TOL)
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_losses_equal_slow_reference(arch, backend):
+    source, model, _ = converted_pair(arch, backend, block_size=BLOCK)
+    ids, am, labels, noisy, pos = layout(model.config.mask_token_id, seed=1)
+    with torch.no_grad():
+        out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels, block_size=BLOCK)
+        ar_expected = source(ids, attention_mask=am, position_ids=pos, labels=labels).loss
+
+    total, count = 0.0, 0
+    for r in range(ids.shape[0]):
+        keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
+        valid = am[r].bool().tolist()
+        for key in sorted(set(k for k, v in zip(keys, valid) if v and k[0] == 1)):
+            members = [j for j, (k, v) in enumerate(zip(keys, valid)) if k == key and v]
+            start = members[0]
+            with torch.no_grad():
+                h = reference_block_hidden(
+                    model, ids[r, :start].tolist(), valid[:start], pos[r, :start].tolist(),
+                    noisy[r, members].tolist(), pos[r, members].tolist(),
+                )  # fmt: skip
+                logits = model.logits_from_hidden(h).float()
+            logits[:, model.config.mask_token_id] = float("-inf")
+            for i, j in enumerate(members[1:], start=1):
+                if noisy[r, j] == model.config.mask_token_id:
+                    total += torch.nn.functional.cross_entropy(logits[i - 1 : i], labels[r, j : j + 1]).item()
+                    count += 1
+    assert count == out.num_masked_tokens.item() > 0
+    torch.testing.assert_close(out.diffusion_loss.item(), total / count, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(out.ar_loss, ar_expected, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(out.loss, out.diffusion_loss + 0.5 * out.ar_loss)
