@@ -160,6 +160,8 @@ def load_source(src, gguf_file: str | None = None, dtype=None, device: str | Non
     else:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto", use_safetensors=True, **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched decoding and training need one; AR models rarely ship it
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer

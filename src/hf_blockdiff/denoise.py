@@ -45,6 +45,8 @@ class BlockDiffusionGenerateOutput(ModelOutput):
     row_forward_passes: ``(batch,)`` forwards each row took part in: what it would cost decoded alone.
     num_generated_tokens: ``(batch,)`` tokens each row generated, its EOS included.
     committed_at: ``(batch, new_tokens)`` the row's forward (1-based) that committed each token; -1 = padding.
+    past_key_values: the prefix cache after the last commit, for the rows still decoding then (every row
+    unless some ended early); it holds all but the last block.
     Tokens per forward: ``num_generated_tokens / row_forward_passes`` per row, or
     ``num_generated_tokens.sum() / num_forward_passes`` for the batch as decoded.
     """
@@ -54,6 +56,7 @@ class BlockDiffusionGenerateOutput(ModelOutput):
     row_forward_passes: torch.LongTensor | None = None
     num_generated_tokens: torch.LongTensor | None = None
     committed_at: torch.LongTensor | None = None
+    past_key_values: DynamicCache | None = None
 
 
 @dataclass
@@ -194,12 +197,13 @@ def choose_tokens(logits: torch.Tensor, policy: DenoisePolicy, forbid_eos: torch
         scores[rows.unsqueeze(1), eos.unsqueeze(0)] = -math.inf
     if policy.do_sample:
         scores = scores / policy.temperature
+        probs = scores.softmax(-1)  # confidence is read off the unfiltered distribution: top-k/top-p only
+        filtered = scores  # restrict what may be drawn; with top_k=1 sampling is exactly greedy decoding
         if policy.top_k is not None:
-            scores = TopKLogitsWarper(top_k=policy.top_k)(None, scores)
+            filtered = TopKLogitsWarper(top_k=policy.top_k)(None, filtered)
         if policy.top_p is not None:
-            scores = TopPLogitsWarper(top_p=policy.top_p)(None, scores)
-        probs = scores.softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            filtered = TopPLogitsWarper(top_p=policy.top_p)(None, filtered)
+        tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
     else:
         probs = scores.softmax(-1)
         tokens = probs.argmax(-1)
@@ -259,6 +263,93 @@ def select_cache_rows(cache: DynamicCache, rows: torch.Tensor | None) -> Dynamic
 # The loop
 
 
+class _Rows:
+    """The rows still decoding and everything indexed by them; the cache holds exactly these rows, in order."""
+
+    def __init__(self, model, attention_mask: torch.Tensor, policy: DenoisePolicy, batch_forwards: list):
+        self.model, self.policy, self.batch_forwards = model, policy, batch_forwards
+        self.index = torch.arange(attention_mask.shape[0], device=attention_mask.device)  # rows of the batch
+        self.key_valid = attention_mask.bool()
+        self.key_pos = positions_from_padding(attention_mask)
+        self.next_pos = attention_mask.sum(-1)
+        self.cache = DynamicCache()
+        self.forwards = torch.zeros_like(self.index)  # per row of the *batch*: forwards it took part in
+
+    def _forward(self, rows, ids, mask, positions, cache, **extra):
+        self.batch_forwards[0] += 1
+        self.forwards[self.index[rows]] += 1
+        return self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **extra
+        ).logits
+
+    def prefill(self, input_ids):
+        """Causal forward over the prompt into the cache; the last logits give block 0's first token."""
+        return self._forward(slice(None), input_ids, self.key_valid.long(), self.key_pos, self.cache, logits_to_keep=1)[:, -1]
+
+    def denoise(self, rows, block):
+        """Logits of ``block`` (for ``rows``) run against the cache without writing to it."""
+        size = block.shape[1]
+        positions = self.next_pos[rows].unsqueeze(1) + torch.arange(size, device=block.device)
+        meta = denoise_meta(self.key_pos[rows], self.key_valid[rows], positions)
+        view = select_cache_rows(self.cache, None if rows.numel() == self.index.numel() else rows)
+        masks = self.model.block_diffusion_masks(meta, self.key_pos.shape[1], size)
+        return self._forward(rows, block, masks, positions, view)
+
+    def commit(self, block):
+        """Causal forward over a finished block: writes its KV; the last logits give the next first token."""
+        positions = self.next_pos.unsqueeze(1) + torch.arange(block.shape[1], device=block.device)
+        self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
+        self.key_pos = torch.cat([self.key_pos, positions], dim=1)
+        self.next_pos = self.next_pos + block.shape[1]
+        return self._forward(slice(None), block, self.key_valid.long(), positions, self.cache, logits_to_keep=1)[:, -1]
+
+    def keep(self, keep: torch.Tensor):
+        """Drop the other rows (ended ones) from the batch and the cache."""
+        self.cache = select_cache_rows(self.cache, keep)
+        self.index, self.key_valid, self.key_pos, self.next_pos = (
+            self.index[keep], self.key_valid[keep], self.key_pos[keep], self.next_pos[keep]
+        )
+
+
+def _denoise_block(state: _Rows, block, n: int, policy: DenoisePolicy, generator, streamer):
+    """Fill the masked positions of ``block`` (position 0 is given) step by step.
+
+    Returns ``(kept, ended, committed_at)``: tokens kept per row (up to and including EOS), rows that committed
+    EOS, and the row-forward index that committed each position.
+    """
+    rows_now, size = block.shape
+    device = block.device
+    done = torch.zeros_like(block, dtype=torch.bool)
+    done[:, 0] = True
+    at = torch.full_like(block, -1)
+    at[:, 0] = state.forwards[state.index]
+    steps = torch.zeros(rows_now, dtype=torch.long, device=device)
+    forbid_eos = (n + 1 + torch.arange(size - 1, device=device)) < policy.min_new_tokens
+    kept, ended = close_after_eos(block, done, policy)
+
+    while not done.all():
+        rows = (~done).any(dim=1).nonzero().squeeze(1)  # rows whose block is finished sit this step out
+        logits = state.denoise(rows, block[rows])[:, :-1]  # position i predicts i + 1
+        proposal, conf = choose_tokens(logits, policy, forbid_eos.expand(rows.numel(), -1), generator)
+        open_ = ~done[rows, 1:]
+        if policy.steps_per_block is not None:  # spread what is left evenly over the steps left
+            steps_left = (policy.steps_per_block - steps[rows]).clamp(min=1)
+            quota = torch.div(open_.sum(1) + steps_left - 1, steps_left, rounding_mode="floor")
+        else:
+            quota = torch.ones_like(rows)
+        commit = select_commits(conf, open_, policy.threshold, quota)
+        block[rows, 1:] = torch.where(commit, proposal, block[rows, 1:])
+        done[rows, 1:] |= commit
+        at[rows, 1:] = torch.where(commit, state.forwards[state.index[rows]].unsqueeze(1), at[rows, 1:])
+        steps[rows] += 1
+        kept, ended = close_after_eos(block, done, policy)
+        if streamer is not None and hasattr(streamer, "put_draft"):  # e.g. transformers' TextDiffusionStreamer
+            draft = torch.where(done[:1, 1:], block[:1, 1:], proposal[:1])
+            streamer.put_draft(value=torch.cat([block[:1, :1], draft], dim=1).cpu())
+    at.masked_fill_(torch.arange(size, device=device) >= kept.unsqueeze(1), -1)
+    return kept, ended, at
+
+
 def generate_blocks(
     model,
     input_ids: torch.LongTensor,
@@ -276,101 +367,49 @@ def generate_blocks(
     if policy.stop_strings:
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer).")
-        stopping_criteria = StoppingCriteriaList(list(stopping_criteria or []) + [StopStringCriteria(tokenizer, policy.stop_strings)])
+        criteria = list(stopping_criteria or []) + [StopStringCriteria(tokenizer, policy.stop_strings)]
+        stopping_criteria = StoppingCriteriaList(criteria)
     if streamer is not None and input_ids.shape[0] > 1:
         raise ValueError("A streamer supports batch size 1 only, as in transformers' generate().")
-
-    device = input_ids.device
-    batch = input_ids.shape[0]
-    b = policy.block_size
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+
+    batch, device = input_ids.shape[0], input_ids.device
     tokens = torch.full((batch, policy.max_new_tokens), policy.pad_token_id, dtype=torch.long, device=device)
     committed_at = torch.full_like(tokens, -1)
-    row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
     num_generated = torch.zeros(batch, dtype=torch.long, device=device)
-    total_forwards = 0
-
-    # State of the rows still decoding; the cache holds exactly these rows, in this order.
-    rows = torch.arange(batch, device=device)
-    key_valid = attention_mask.bool()
-    key_pos = positions_from_padding(attention_mask)
-    next_pos = attention_mask.sum(-1)
-    cache = DynamicCache()
-
-    def forward(ids, mask, positions, past, **extra):
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, **extra).logits
+    batch_forwards = [0]
+    state = _Rows(model, attention_mask, policy, batch_forwards)
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    logits = forward(input_ids, attention_mask, key_pos, cache, logits_to_keep=1)[:, -1]
-    total_forwards += 1
-    row_forwards += 1
-    first, _ = choose_tokens(logits, policy, torch.full((batch,), policy.min_new_tokens > 0, device=device), generator)
+    no_eos = torch.full((batch,), policy.min_new_tokens > 0, device=device)
+    first, _ = choose_tokens(state.prefill(input_ids), policy, no_eos, generator)
 
     n = 0  # tokens generated so far by every row still decoding
     while n < policy.max_new_tokens:
-        size = min(b, policy.max_new_tokens - n)
-        active = rows.shape[0]
+        size = min(policy.block_size, policy.max_new_tokens - n)
         block = first.unsqueeze(1).repeat(1, size)
-        block[:, 1:] = policy.mask_token_id if size > 1 else 0
-        done = torch.zeros(active, size, dtype=torch.bool, device=device)
-        done[:, 0] = True
-        at = torch.full((active, size), -1, dtype=torch.long, device=device)
-        at[:, 0] = row_forwards[rows]
-        steps = torch.zeros(active, dtype=torch.long, device=device)
-        kept, ended = close_after_eos(block, done, policy)
-        forbid_eos = (n + 1 + torch.arange(size - 1, device=device)) < policy.min_new_tokens
-
-        while not done.all():
-            sub = (~done).any(dim=1).nonzero().squeeze(1)
-            positions = next_pos[sub].unsqueeze(1) + torch.arange(size, device=device)
-            meta = denoise_meta(key_pos[sub], key_valid[sub], positions)
-            view = select_cache_rows(cache, None if sub.numel() == active else sub)
-            masks = model.block_diffusion_masks(meta, key_pos.shape[1], size)
-            logits = forward(block[sub], masks, positions, view)[:, :-1]  # position i predicts i+1
-            total_forwards += 1
-            row_forwards[rows[sub]] += 1
-
-            proposal, conf = choose_tokens(logits, policy, forbid_eos.expand(sub.numel(), -1), generator)
-            open_ = ~done[sub, 1:]
-            if policy.steps_per_block is not None:  # spread what is left evenly over the steps left
-                steps_left = (policy.steps_per_block - steps[sub]).clamp(min=1)
-                quota = torch.div(open_.sum(1) + steps_left - 1, steps_left, rounding_mode="floor")
-            else:
-                quota = torch.ones_like(sub)
-            commit = select_commits(conf, open_, policy.threshold, quota)
-            block[sub, 1:] = torch.where(commit, proposal, block[sub, 1:])
-            done[sub, 1:] |= commit
-            at[sub, 1:] = torch.where(commit, row_forwards[rows[sub]].unsqueeze(1), at[sub, 1:])
-            steps[sub] += 1
-            kept, ended = close_after_eos(block, done, policy)
-
-        at.masked_fill_(torch.arange(size, device=device) >= kept.unsqueeze(1), -1)
-        tokens[rows, n : n + size] = block
-        committed_at[rows, n : n + size] = at
-        num_generated[rows] += kept
+        if size > 1:
+            block[:, 1:] = policy.mask_token_id
+        kept, ended, at = _denoise_block(state, block, n, policy, generator, streamer)
+        tokens[state.index, n : n + size] = block
+        committed_at[state.index, n : n + size] = at
+        num_generated[state.index] += kept
         if streamer is not None:
             streamer.put(block[0, : kept[0]].cpu())
         n += size
         if stopping_criteria:
-            so_far = torch.cat([input_ids[rows], tokens[rows, :n]], dim=1)
-            ended |= torch.as_tensor(stopping_criteria(so_far, None), device=device).expand(active).bool()
+            so_far = torch.cat([input_ids[state.index], tokens[state.index, :n]], dim=1)
+            ended |= torch.as_tensor(stopping_criteria(so_far, None), device=device).expand_as(ended).bool()
         if n >= policy.max_new_tokens or ended.all():
             break
-
         if ended.any():  # ended rows leave the batch and the cache
             keep = (~ended).nonzero().squeeze(1)
-            cache = select_cache_rows(cache, keep)
-            rows, block, key_valid, key_pos, next_pos = rows[keep], block[keep], key_valid[keep], key_pos[keep], next_pos[keep]
-        positions = next_pos.unsqueeze(1) + torch.arange(size, device=device)
-        key_valid = torch.cat([key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
-        key_pos = torch.cat([key_pos, positions], dim=1)
-        logits = forward(block, key_valid.long(), positions, cache, logits_to_keep=1)[:, -1]
-        total_forwards += 1
-        row_forwards[rows] += 1
-        next_pos = next_pos + size
-        first, _ = choose_tokens(logits, policy, torch.full((rows.shape[0],), n < policy.min_new_tokens, device=device), generator)
+            state.keep(keep)
+            block = block[keep]
+        no_eos = torch.full((block.shape[0],), n < policy.min_new_tokens, device=device)
+        first, _ = choose_tokens(state.commit(block), policy, no_eos, generator)
 
     if streamer is not None:
         streamer.end()
@@ -379,8 +418,9 @@ def generate_blocks(
         return sequences
     return BlockDiffusionGenerateOutput(
         sequences=sequences,
-        num_forward_passes=total_forwards,
-        row_forward_passes=row_forwards,
+        num_forward_passes=batch_forwards[0],
+        row_forward_passes=state.forwards,
         num_generated_tokens=num_generated,
         committed_at=committed_at[:, :n],
+        past_key_values=state.cache,
     )
