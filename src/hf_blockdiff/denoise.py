@@ -57,6 +57,7 @@ class BlockDiffusionGenerateOutput(ModelOutput):
     num_generated_tokens: torch.LongTensor | None = None
     committed_at: torch.LongTensor | None = None
     past_key_values: DynamicCache | None = None
+    block_size: int | None = None
 
 
 @dataclass
@@ -423,4 +424,5 @@ def generate_blocks(
         num_generated_tokens=num_generated,
         committed_at=committed_at[:, :n],
         past_key_values=state.cache,
+        block_size=policy.block_size,
     )

@@ -140,7 +140,9 @@ def flex_block_mask(meta: TokenMeta, q_offset: int, window: int | None, q_len: i
         return -(-n // FLEX_TILE) * FLEX_TILE
 
     rule = context_causal_rule(meta.padded_to(max(q_offset + round_up(q_len), round_up(kv_len))), q_offset, window)
-    return create_block_mask(rule, meta.stream.shape[0], None, q_len, kv_len, device=device)
+    # Compiled mask construction evaluates the rule tile by tile instead of materialising (batch, q, kv) tensors.
+    compile_ = torch.device(device).type == "cuda"
+    return create_block_mask(rule, meta.stream.shape[0], None, q_len, kv_len, device=device, _compile=compile_)
 
 
 def render_mask(meta: TokenMeta, q_offset: int, q_len: int, window: int | None, backend: str, dtype):
