@@ -168,6 +168,9 @@ class BlockDiffusionMixin:
         if noisy.dim() == 2:
             noisy = noisy.unsqueeze(1)
             weights = weights.unsqueeze(1) if weights is not None else None
+        if block_size == 1:  # nothing is maskable: the AR model alone, at the AR model's cost
+            noisy = noisy[:, :0]
+            weights = weights[:, :0] if weights is not None else None
         batch, copies, length = noisy.shape
         if clean.shape != (batch, length):
             raise ValueError(f"noisy_input_ids {tuple(noisy.shape)} does not match input_ids {tuple(clean.shape)}.")

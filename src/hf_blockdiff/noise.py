@@ -1,0 +1,65 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Noise for training (DESIGN.md 2.3): which positions of ``x`` become the mask token in ``x_t``.
+
+Per block, a noise level ``t ~ U(eps, 1)``; each maskable position of the block is masked independently with
+probability ``t``. Maskable = supervised (label != -100) and not the first token of its block; the prompt,
+padding and block-first tokens are never masked. With complementary masking (Fast-dLLM v2) a second copy masks
+exactly the maskable positions the first left clean, so every maskable token is supervised once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import IGNORE_INDEX, block_grid
+
+
+@dataclass
+class NoisyBatch:
+    noisy_input_ids: torch.LongTensor  # (batch, length), or (batch, 2, length) with complementary masking
+    diffusion_loss_weights: torch.Tensor | None  # same shape; 1/t per token with ELBO weighting, else None
+    maskable: torch.BoolTensor  # (batch, length)
+    masked: torch.BoolTensor  # (batch, length): masked in the first copy
+    noise_level: torch.Tensor  # (batch, length): t of the token's block (0 for context tokens)
+
+    @property
+    def masked_fraction(self) -> float:
+        """Share of maskable positions masked in the first copy (tracks E[t] = (1 + eps) / 2)."""
+        return float(self.masked.sum() / self.maskable.sum().clamp(min=1))
+
+
+class NoiseSampler:
+    """Draws ``x_t`` for a batch; see the module docstring. Uses ``generator`` or torch's global RNG."""
+
+    def __init__(self, mask_token_id: int, eps: float = 1e-3, complementary: bool = False, elbo_weighting: bool = False):
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"noise eps must be in [0, 1), got {eps}.")
+        self.mask_token_id = mask_token_id
+        self.eps = eps
+        self.complementary = complementary
+        self.elbo_weighting = elbo_weighting
+
+    def __call__(self, input_ids, attention_mask=None, labels=None, block_size: int = 1, generator=None) -> NoisyBatch:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        blocks, offsets = block_grid(block_size, attention_mask, labels)
+        maskable = (offsets > 0) & (labels != IGNORE_INDEX) & attention_mask.bool()
+
+        batch = input_ids.shape[0]
+        num_blocks = int(blocks.max().clamp(min=0)) + 1
+        high = 1.0 - self.eps if self.complementary else 1.0  # the complementary copy has level 1 - t
+        t_blocks = self.eps + (high - self.eps) * torch.rand(batch, num_blocks, device=input_ids.device, generator=generator)
+        t = torch.where(blocks >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)
+        masked = maskable & (torch.rand(t.shape, device=t.device, generator=generator) < t)
+
+        noisy = input_ids.masked_fill(masked, self.mask_token_id)
+        weights = (1.0 / t.clamp(min=self.eps)) if self.elbo_weighting else None
+        if self.complementary:
+            noisy = torch.stack([noisy, input_ids.masked_fill(maskable & ~masked, self.mask_token_id)], dim=1)
+            if weights is not None:
+                weights = torch.stack([weights, 1.0 / (1.0 - t).clamp(min=self.eps)], dim=1)
+        return NoisyBatch(noisy, weights, maskable, masked, t)

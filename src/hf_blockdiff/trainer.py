@@ -1,0 +1,225 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Adaptation training: :class:`BlockDiffusionConfig` (a ``trl.SFTConfig``) and :class:`BlockDiffusionTrainer`
+(a ``trl.SFTTrainer``) for the combined diffusion + AR loss with gradual block growth (DESIGN.md 2.3-2.4).
+
+Everything SFTTrainer does still applies: plain-text, conversational and prompt-completion datasets, chat
+templates, completion-only loss, ``peft_config``, accelerate/DDP/FSDP. The trainer only samples the noise and
+calls the model's two-stream forward, which computes both losses inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+
+from .convert import convert_model
+from .curriculum import BlockGrowthCallback
+from .noise import NoiseSampler
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class BlockDiffusionConfig(SFTConfig):
+    r"""Configuration of :class:`BlockDiffusionTrainer`: every ``trl.SFTConfig`` field plus the ones below.
+
+    Usable from Python, ``HfArgumentParser`` command lines and YAML files, like any TRL config.
+    """
+
+    block_size: int = field(default=16, metadata={"help": "Final block size (b_max of the growth schedule)."})
+    ar_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the AR loss on the clean copy."})
+    noise_eps: float = field(default=1e-3, metadata={"help": "Noise level t is drawn per block from U(eps, 1)."})
+    elbo_weighting: bool = field(default=False, metadata={"help": "Weight the diffusion loss by 1/t."})
+    complementary_masking: bool = field(
+        default=False, metadata={"help": "Add a second noisy copy with the complementary mask (Fast-dLLM v2)."}
+    )
+    block_growth: bool = field(default=True, metadata={"help": "Grow the block size from growth_start to block_size."})
+    growth_start: int = field(default=1, metadata={"help": "Block size at step 0 (1 = the AR model)."})
+    growth_ratio: int = field(default=2, metadata={"help": "Factor of each growth step."})
+    growth_warmup_steps: int = field(default=0, metadata={"help": "Steps before the first growth (s0)."})
+    growth_interval_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps between growths. Default: evenly spaced, so every size gets the same share."},
+    )
+    mask_token: str | None = field(
+        default=None, metadata={"help": "Mask token when the model is converted on the fly (default: <|mask|>)."}
+    )
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "Resume the block-growth schedule from the checkpoint's saved state."}
+    )
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}.")
+        if self.ar_loss_weight < 0:
+            raise ValueError(f"ar_loss_weight must be >= 0, got {self.ar_loss_weight}.")
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "packing / padding_free are not supported by BlockDiffusionTrainer: the block grid and the "
+                "context-causal mask are laid out per sample. Set packing=False and padding_free=False."
+            )
+        if self.block_growth and not 1 <= self.growth_start <= self.block_size:
+            raise ValueError(f"growth_start must be in [1, block_size], got {self.growth_start}.")
+        super().__post_init__()
+
+
+class BlockDiffusionTrainer(SFTTrainer):
+    """SFTTrainer for block-diffusion adaptation.
+
+    ``model`` may be a block-diffusion model, a stock AR model (or checkpoint path / Hub id), which is converted
+    on the fly with ``processing_class`` as its tokenizer. With a ``peft_config`` the mask token's embedding row
+    is made trainable (``trainable_token_indices``), tied embeddings kept tied.
+    """
+
+    _tag_names = ["trl", "sft", "block-diffusion", "hf_blockdiff"]
+
+    def __init__(self, model, args: BlockDiffusionConfig | None = None, processing_class=None, peft_config=None,
+                 callbacks=None, **kwargs):  # fmt: skip
+        if args is None:
+            args = BlockDiffusionConfig(output_dir="block-diffusion")
+        if not isinstance(args, BlockDiffusionConfig):
+            raise TypeError(f"BlockDiffusionTrainer needs a BlockDiffusionConfig, got {type(args).__name__}.")
+        if isinstance(model, str):
+            processing_class = processing_class or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            raise ValueError("Pass the tokenizer as processing_class: the mask token lives in it.")
+        if getattr(model.config, "mask_token_id", None) is None or not hasattr(model, "two_stream_hidden_states"):
+            model, processing_class = convert_model(model, processing_class, args.block_size, args.mask_token)
+        self.mask_token_id = model.config.mask_token_id
+        if peft_config is not None:
+            _train_mask_row(model, peft_config, self.mask_token_id)
+
+        if args.block_growth:
+            growth = BlockGrowthCallback(
+                args.block_size, args.growth_start, args.growth_ratio, args.growth_warmup_steps, args.growth_interval_steps
+            )
+            growth.apply(0, model)
+            callbacks = list(callbacks or []) + [growth]
+        else:
+            model.config.block_size = args.block_size
+        super().__init__(model, args=args, processing_class=processing_class, peft_config=peft_config,
+                         callbacks=callbacks, **kwargs)  # fmt: skip
+        # Losses are per-micro-batch means: let Trainer divide them by the gradient-accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.noise = NoiseSampler(self.mask_token_id, args.noise_eps, args.complementary_masking, args.elbo_weighting)
+
+    # -- schedule ------------------------------------------------------------------------------------------
+    @property
+    def block_growth(self) -> BlockGrowthCallback | None:
+        """The growth callback in use (resuming replaces it with the checkpoint's)."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, BlockGrowthCallback)), None)
+
+    @property
+    def current_block_size(self) -> int:
+        return int(self.model.config.block_size)
+
+    # -- loss ----------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        block_size = self.current_block_size
+        noise = self.noise(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"), block_size)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            labels=inputs.get("labels"),
+            noisy_input_ids=noise.noisy_input_ids,
+            diffusion_loss_weights=noise.diffusion_loss_weights,
+            block_size=block_size,
+            ar_loss_weight=self.args.ar_loss_weight,
+        )
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        metrics["diffusion_loss"].append(gather(outputs.diffusion_loss.detach()).mean().item())
+        metrics["ar_loss"].append(gather(outputs.ar_loss.detach()).mean().item())
+        metrics["masked_fraction"].append(noise.masked_fraction)
+        metrics["block_size"] = [float(block_size)]  # the current size, not an average over the logging window
+        if mode == "train" and inputs.get("attention_mask") is not None:
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            metrics["num_tokens"] = [self._total_train_tokens]
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation reports the losses only: the two-stream forward returns no logits."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- model card ----------------------------------------------------------------------------------------
+    def training_summary(self) -> dict:
+        """Settings and final losses, for the model card."""
+        args = self.args
+        summary = {
+            "final block_size": self.current_block_size,
+            "ar_loss_weight": args.ar_loss_weight,
+            "noise": f"t ~ U({args.noise_eps}, 1) per block" + (", 1/t weighting" if args.elbo_weighting else "")
+            + (", complementary masking" if args.complementary_masking else ""),
+            "learning_rate": args.learning_rate,
+            "steps": self.state.global_step,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "max_length": args.max_length,
+            "peft": type(self.model.peft_config["default"]).__name__ if hasattr(self.model, "peft_config") else "none (full)",
+        }  # fmt: skip
+        if self.block_growth is not None:
+            summary["block growth"] = " -> ".join(f"{size} @ step {step}" for step, size in self.block_growth.transitions)
+        for key in ("diffusion_loss", "ar_loss", "loss"):
+            values = [entry[key] for entry in self.state.log_history if key in entry]
+            if values:
+                summary[f"final {key}"] = round(values[-1], 4)
+        return summary
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save as ``convert_checkpoint`` does: weights, config with auto_map, code files, tokenizer, card."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self.write_model_card(output_dir or self.args.output_dir)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        """Trainer/TRL hook (checkpoints, ``push_to_hub``): our card instead of the generic one."""
+        self.write_model_card(self.args.output_dir, model_name=model_name, dataset_name=dataset_name)
+
+    def write_model_card(self, directory, model_name: str | None = None, dataset_name: str | None = None):
+        """Our card (MODEL_CARD_TEMPLATE.md) with the conversion and training settings and final losses.
+        Skipped for PEFT adapters, which are not loadable checkpoints on their own (merge them first)."""
+        if not self.is_world_process_zero() or hasattr(self.model, "peft_config"):
+            return
+        from .hub import CARD_INFO_FILE, write_model_card
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        info_path = directory / CARD_INFO_FILE
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        config = self.model.config
+        name = getattr(config, "_name_or_path", "") or ""
+        info.setdefault("base_model", name if name.count("/") == 1 and not Path(name).exists() else None)
+        info.setdefault("conversion", {"block_size": config.block_size, "mask_token_id": self.mask_token_id})
+        info["training"] = self.training_summary() | ({"dataset": dataset_name} if dataset_name else {})
+        info["model_name"] = model_name or info.get("model_name")
+        if self.args.hub_model_id:
+            info["repo_id"] = self.args.hub_model_id
+        write_model_card(directory, config, **info)
+
+
+def _train_mask_row(model, peft_config, mask_token_id: int):
+    """Make the mask token's embedding row trainable under PEFT and keep tied embeddings tied."""
+    embeddings = model.get_input_embeddings()
+    name = next(name for name, module in model.named_modules() if module is embeddings).split(".")[-1]
+    indices = peft_config.trainable_token_indices
+    if indices is None:
+        indices = {}
+    elif isinstance(indices, list):
+        indices = {name: indices}
+    indices.setdefault(name, [])
+    if mask_token_id not in indices[name]:
+        indices[name].append(mask_token_id)
+    peft_config.trainable_token_indices = indices
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and hasattr(peft_config, "ensure_weight_tying"):
+        peft_config.ensure_weight_tying = True

@@ -1,0 +1,158 @@
+"""BlockDiffusionTrainer on tiny models: learning, logging, growth + resume, LoRA, completion-only loss."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, HfArgumentParser, TrainerCallback
+
+from helpers import WORDS, source_model, tiny_tokenizer
+from hf_blockdiff import BlockDiffusionConfig, BlockDiffusionTrainer, block_size_at
+
+
+def cyclic_text(n=64, length=24):
+    """Learnable text: each row counts up through the words from its own start."""
+    return Dataset.from_dict({"text": [" ".join(f"w{(s + i) % WORDS}" for i in range(length)) for s in range(n)]})
+
+
+def config(tmp_path, **overrides):
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=30, per_device_train_batch_size=8, learning_rate=3e-3,
+                    logging_steps=1, block_size=4, report_to=[], save_strategy="no", use_cpu=True, max_length=32,
+                    seed=0, dataloader_num_workers=0)  # fmt: skip
+    return BlockDiffusionConfig(**{**defaults, **overrides})
+
+
+class RecordBlockSize(TrainerCallback):
+    def __init__(self):
+        self.sizes = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.sizes[state.global_step] = model.config.block_size  # after the growth callback ran (added later)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.sizes[state.global_step - 1] = model.config.block_size
+
+
+def test_loss_decreases_and_both_parts_are_logged(tmp_path):
+    args = config(tmp_path, block_growth=False, max_steps=60)
+    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "diffusion_loss" in entry]
+    assert all({"ar_loss", "masked_fraction", "block_size", "loss"} <= set(entry) for entry in logs)
+    first, last = logs[:5], logs[-5:]
+    for key in ("diffusion_loss", "ar_loss"):
+        assert sum(e[key] for e in last) < 0.7 * sum(e[key] for e in first), key
+    assert all(entry["block_size"] == 4 for entry in logs)
+    assert 0.2 < sum(e["masked_fraction"] for e in logs) / len(logs) < 0.8
+
+
+def test_packing_is_refused():
+    with pytest.raises(ValueError, match="packing"):
+        BlockDiffusionConfig(output_dir="x", packing=True, report_to=[])
+
+
+def test_config_from_cli_and_yaml(tmp_path):
+    parser = HfArgumentParser(BlockDiffusionConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "o", "--block_size", "8", "--ar_loss_weight", "0.25", "--complementary_masking", "true",
+         "--growth_interval_steps", "50", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+    )
+    assert (args.block_size, args.ar_loss_weight, args.complementary_masking, args.growth_interval_steps) == (8, 0.25, True, 50)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "o", "block_size": 32, "elbo_weighting": True, "report_to": "none",
+                                   "use_cpu": True}))
+    (from_yaml,) = parser.parse_yaml_file(str(path))
+    assert from_yaml.block_size == 32 and from_yaml.elbo_weighting and from_yaml.ar_loss_weight == 0.5
+
+
+def test_growth_follows_the_schedule_and_survives_resume(tmp_path):
+    schedule = dict(block_size=8, growth_warmup_steps=2, growth_interval_steps=4)
+    expected = {s: block_size_at(s, 8, 1, 2, 2, 4) for s in range(16)}
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:
+                control.should_training_stop = True
+
+    def trainer_with(recorder, *extra, **overrides):
+        args = config(tmp_path, **{"max_steps": 16, "save_strategy": "steps", "save_steps": 7, **schedule, **overrides})
+        return BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(),
+                                     processing_class=tiny_tokenizer(), callbacks=[recorder, *extra])  # fmt: skip
+
+    straight = RecordBlockSize()
+    trainer_with(straight, output_dir=str(tmp_path / "straight")).train()
+    assert straight.sizes == expected
+
+    first = RecordBlockSize()
+    trainer_with(first, StopAt()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-7"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["BlockGrowthCallback"]
+    assert saved["args"]["interval_steps"] == 4 and saved["attributes"]["block_size"] == expected[6]
+    # Resume with a different schedule on the command line: the checkpoint's schedule wins.
+    resumed = RecordBlockSize()
+    trainer = trainer_with(resumed, growth_interval_steps=100)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert {s: b for s, b in resumed.sizes.items() if s >= 7} == {s: b for s, b in expected.items() if s >= 7}
+    assert trainer.model.config.block_size == expected[15]
+    saved_config = json.loads((tmp_path / "straight" / "checkpoint-14" / "config.json").read_text())
+    assert saved_config["block_size"] == expected[13]
+
+
+def test_completion_only_loss_never_touches_the_prompt(tmp_path):
+    tok = tiny_tokenizer()
+    prompts = [" ".join(f"w{(s * 7 + i) % WORDS}" for i in range(5 + s % 4)) for s in range(16)]
+    completions = [" " + " ".join(f"w{(s + i) % WORDS}" for i in range(9 + s % 5)) for s in range(16)]
+    data = Dataset.from_dict({"prompt": prompts, "completion": completions})
+    trainer = BlockDiffusionTrainer(source_model("llama"), args=config(tmp_path, block_growth=False), train_dataset=data,
+                                    processing_class=tok)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    for row, row_labels in zip(ids, labels):
+        words = tok.decode(row[row != tok.pad_token_id]).split()
+        prompt_len = next(len(p.split()) for p in prompts if words[: len(p.split())] == p.split())
+        assert (row_labels[:prompt_len] == -100).all()
+        assert (row_labels[prompt_len : len(words)] == row[prompt_len : len(words)]).all()
+
+    noise = trainer.noise(ids, am, labels, 4, generator=torch.Generator().manual_seed(0))
+    assert not noise.masked[labels == -100].any() and noise.masked.any()
+    model = trainer.model
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, labels=labels, noisy_input_ids=noise.noisy_input_ids, block_size=4)
+        logits = model(input_ids=ids, attention_mask=am).logits.float()
+    logits[..., trainer.mask_token_id] = float("-inf")
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
+    completion = targets != -100
+    torch.testing.assert_close(out.ar_loss, nll[completion].mean())  # the AR loss reads completion tokens only
+
+
+def test_lora_adapter_trains_mask_row_merges_and_reloads(tmp_path):
+    model = source_model("llama", tie_word_embeddings=True)
+    embed_before = model.get_input_embeddings().weight.detach().clone()
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = BlockDiffusionTrainer(model, args=config(tmp_path, max_steps=8, learning_rate=1e-2), train_dataset=cyclic_text(),
+                                    processing_class=tiny_tokenizer(), peft_config=peft_config)  # fmt: skip
+    mask_id = trainer.mask_token_id
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    merged = trainer.model.merge_and_unload()
+    embed = merged.get_input_embeddings().weight.detach()
+    assert torch.equal(embed[: mask_id], embed_before[: mask_id])  # every other row untouched
+    start = embed_before[: mask_id].mean(0)
+    assert not torch.allclose(embed[mask_id], start)  # the mask row learned
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    merged.save_pretrained(tmp_path / "merged")
+    trainer.processing_class.save_pretrained(tmp_path / "merged")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
+    assert type(reloaded).__name__ == "BlockDiffusionLlamaForCausalLM"
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits)
+    assert reloaded.generate(ids, max_new_tokens=8, block_size=4, threshold=0.5).shape == (1, 13)
