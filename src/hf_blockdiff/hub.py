@@ -55,15 +55,17 @@ def write_model_card(directory, config, **info) -> Path:
     return directory / "README.md"
 
 
-def update_model_card(directory, **changes) -> Path:
-    """Re-render a folder's card with some inputs changed (e.g. ``training=...`` or ``repo_id=...``)."""
+def _card_info(directory) -> dict:
+    path = Path(directory) / CARD_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _rendered_card(directory, **changes) -> ModelCard:
+    """The folder's card re-rendered with some inputs changed (e.g. ``training=...`` or ``repo_id=...``)."""
     from transformers import AutoConfig
 
-    directory = Path(directory)
-    info_path = directory / CARD_INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    info.update({k: v for k, v in changes.items() if v is not None})
-    return write_model_card(directory, AutoConfig.from_pretrained(directory), **info)
+    info = _card_info(directory) | {k: v for k, v in changes.items() if v is not None}
+    return render_model_card(AutoConfig.from_pretrained(directory), **info)
 
 
 def check_folder(directory) -> Path:
@@ -87,25 +89,32 @@ def check_folder(directory) -> Path:
 
 def push_to_hub(directory, repo_id: str, private: bool | None = None, revision: str | None = None,
                 token: str | None = None, commit_message: str | None = None) -> str:  # fmt: skip
-    """Upload a finished folder as it is (our card included) and return the commit URL.
+    """Upload a finished folder in one commit and return the commit URL.
 
-    Local files are never modified except the card's snippet, which is re-rendered to name ``repo_id``.
+    The card is re-rendered in memory so that its snippet names ``repo_id``; local files are never modified.
     Without a network this fails fast with a message that says so.
     """
+    from huggingface_hub import CommitOperationAdd
+
     directory = check_folder(directory)
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(directory).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    ]
     if (directory / CARD_INFO_FILE).is_file():
-        update_model_card(directory, repo_id=repo_id)
+        card = _rendered_card(directory, repo_id=repo_id)
+        operations = [op for op in operations if op.path_in_repo != "README.md"]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(directory),
-            repo_id=repo_id,
-            revision=revision,
+        info = api.create_commit(
+            repo_id, operations, revision=revision,
             commit_message=commit_message or "Upload block-diffusion checkpoint (hf_blockdiff)",
-        )
+        )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - re-raised with what the user needs to know
         if _is_offline_error(error):
             raise ConnectionError(

