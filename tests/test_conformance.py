@@ -135,7 +135,7 @@ def test_losses_equal_slow_reference(arch, backend):
         out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels, block_size=BLOCK)
         ar_expected = source(ids, attention_mask=am, position_ids=pos, labels=labels).loss
 
-    total, count = 0.0, 0
+    total, count, entropy_correct, correct = 0.0, 0, 0.0, 0
     for r in range(ids.shape[0]):
         keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
         valid = am[r].bool().tolist()
@@ -153,7 +153,34 @@ def test_losses_equal_slow_reference(arch, backend):
                 if noisy[r, j] == model.config.mask_token_id:
                     total += torch.nn.functional.cross_entropy(logits[i - 1 : i], labels[r, j : j + 1]).item()
                     count += 1
+                    probs = logits[i - 1].softmax(-1)
+                    if probs.argmax() == labels[r, j]:
+                        entropy_correct += -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
+                        correct += 1
     assert count == out.num_masked_tokens.item() > 0
     torch.testing.assert_close(out.diffusion_loss.item(), total / count, rtol=TOL, atol=TOL)
     torch.testing.assert_close(out.ar_loss, ar_expected, rtol=TOL, atol=TOL)
     torch.testing.assert_close(out.loss, out.diffusion_loss + 0.5 * out.ar_loss)
+    with torch.no_grad():
+        forced = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels,
+                       block_size=BLOCK, certainty_loss_weight=0.3)  # fmt: skip
+    if correct:
+        torch.testing.assert_close(forced.certainty_loss.item(), entropy_correct / correct, rtol=TOL * 10, atol=TOL * 10)
+    torch.testing.assert_close(forced.loss, out.loss + 0.3 * forced.certainty_loss)
+
+
+def test_chunked_loss_equals_direct_loss(monkeypatch):
+    """Memory-bounded chunks (recomputed in backward) give the same losses and gradients."""
+    from hf_blockdiff import modeling_blockdiff
+
+    results = []
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(modeling_blockdiff, "LOSS_CHUNK_ROWS", chunk)
+        _, model, _ = converted_pair("llama", block_size=BLOCK)
+        ids, am, labels, noisy, pos = layout(model.config.mask_token_id, seed=2)
+        out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, labels=labels, block_size=BLOCK,
+                    certainty_loss_weight=0.5)  # fmt: skip
+        out.loss.backward()
+        results.append((out.loss.detach(), out.certainty_loss.detach(), model.lm_head.weight.grad.clone()))
+    for direct, chunked in zip(*results):
+        torch.testing.assert_close(chunked, direct, rtol=TOL, atol=TOL)

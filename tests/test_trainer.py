@@ -156,3 +156,38 @@ def test_lora_adapter_trains_mask_row_merges_and_reloads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits)
     assert reloaded.generate(ids, max_new_tokens=8, block_size=4, threshold=0.5).shape == (1, 13)
+
+
+def test_self_distillation_trains_on_the_models_own_greedy_decoding(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    prompts = [[{"role": "user", "content": " ".join(f"w{(s * 5 + i) % WORDS}" for i in range(3 + s % 3))}] for s in range(6)]
+    data = Dataset.from_dict({"prompt": prompts, "completion": [[{"role": "assistant", "content": "w1"}]] * 6})
+    source = source_model("llama")
+    args = config(tmp_path, self_distillation=True, distillation_max_new_tokens=7, distillation_batch_size=4,
+                  max_steps=3, block_size=4)  # fmt: skip
+    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=data, processing_class=tok)
+    rows = trainer.train_dataset
+    assert len(rows) == 6
+    for prompt in prompts:
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        expected = source.generate(torch.tensor([ids]), max_new_tokens=7, do_sample=False, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)[0].tolist()  # fmt: skip
+        if tok.eos_token_id in expected[len(ids) :]:
+            expected = expected[: len(ids) + expected[len(ids) :].index(tok.eos_token_id) + 1]
+        row = next(r for r in rows if r["input_ids"][: len(ids)] == ids)
+        assert row["input_ids"] == expected
+        assert row["labels"][: len(ids)] == [-100] * len(ids) and row["labels"][len(ids) :] == expected[len(ids) :]
+    trainer.train()
+
+    import hf_blockdiff.distill
+
+    monkeypatch.setattr(hf_blockdiff.distill, "ar_targets", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    again = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=data, processing_class=tok)
+    assert len(again.train_dataset) == 6  # read back from output_dir/self_distillation
+
+
+def test_certainty_loss_is_logged_when_on(tmp_path):
+    args = config(tmp_path, block_growth=False, max_steps=3, certainty_loss_weight=0.5)
+    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer())
+    trainer.train()
+    assert any("certainty_loss" in entry for entry in trainer.state.log_history)

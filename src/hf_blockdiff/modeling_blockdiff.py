@@ -47,12 +47,14 @@ class BlockDiffusionOutput(ModelOutput):
     cross-entropies at masked positions divided by the number of masked supervised tokens; ``ar_loss`` is the
     next-token cross-entropy on the clean copy summed over supervised tokens and divided by their number (the
     stock causal-LM loss). Both are per-forward means. The mask token is left out of the softmax (it is never a
-    target), so ``ar_loss`` equals the source model's loss. No full-vocabulary logits are returned.
+    target), so ``ar_loss`` equals the source model's loss. With ``certainty_loss_weight`` the loss also adds
+    that weight times ``certainty_loss`` (see ``forward``). No full-vocabulary logits are returned.
     """
 
     loss: torch.FloatTensor | None = None
     diffusion_loss: torch.FloatTensor | None = None
     ar_loss: torch.FloatTensor | None = None
+    certainty_loss: torch.FloatTensor | None = None
     num_masked_tokens: torch.LongTensor | None = None
     num_ar_tokens: torch.LongTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -109,6 +111,7 @@ class BlockDiffusionMixin:
         block_size: int | None = None,
         ar_loss_weight: float = 0.5,
         diffusion_loss_weights: torch.Tensor | None = None,
+        certainty_loss_weight: float = 0.0,
         **kwargs,
     ):
         r"""
@@ -127,6 +130,9 @@ class BlockDiffusionMixin:
         ar_loss_weight (``float``): weight of the AR loss on the clean copy (``0.5``).
         diffusion_loss_weights: optional per-token weights of the diffusion loss, shaped like
             ``noisy_input_ids`` (e.g. ``1/t`` for the ELBO weighting). The normaliser stays the token count.
+        certainty_loss_weight (``float``): weight of a certainty-forcing term (dParallel, arXiv 2509.26488): the
+            mean entropy of the predictions at masked positions the model already gets right. Pushing it down
+            makes the model confident where it is correct, which is what lets it commit several tokens at once.
         """
         if noisy_input_ids is None:
             return super().forward(
@@ -144,7 +150,7 @@ class BlockDiffusionMixin:
             kwargs.pop(ignored, None)
         return self._two_stream_forward(
             input_ids, noisy_input_ids, attention_mask, position_ids, labels,
-            self._block_size(block_size), ar_loss_weight, diffusion_loss_weights, **kwargs,
+            self._block_size(block_size), ar_loss_weight, diffusion_loss_weights, certainty_loss_weight, **kwargs,
         )  # fmt: skip
 
     def two_stream_hidden_states(self, clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs):
@@ -163,8 +169,9 @@ class BlockDiffusionMixin:
         return hidden.view(batch, copies + 1, length, -1), offsets
 
     def _two_stream_forward(
-        self, clean, noisy, attention_mask, position_ids, labels, block_size, ar_loss_weight, weights, **kwargs
-    ) -> BlockDiffusionOutput:
+        self, clean, noisy, attention_mask, position_ids, labels, block_size, ar_loss_weight, weights,
+        certainty_weight=0.0, **kwargs,
+    ) -> BlockDiffusionOutput:  # fmt: skip
         if noisy.dim() == 2:
             noisy = noisy.unsqueeze(1)
             weights = weights.unsqueeze(1) if weights is not None else None
@@ -196,41 +203,57 @@ class BlockDiffusionMixin:
         diff_hidden = hidden[:, :copies][masked]
         diff_targets = targets.unsqueeze(1).expand(-1, copies, -1)[masked]
 
-        nll = self._token_nll(torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]))
-        diff_nll, ar_nll = nll[: diff_targets.numel()], nll[diff_targets.numel() :]
+        num_diff = diff_targets.numel()
+        nll, certainty, correct = self._token_nll(
+            torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]), num_diff if certainty_weight else 0
+        )
+        diff_nll, ar_nll = nll[:num_diff], nll[num_diff:]
         if weights is not None:
             diff_nll = diff_nll * weights[:, :, 1:][masked].to(diff_nll.dtype)
         num_masked, num_ar = masked.sum(), supervised.sum()
         diffusion_loss = diff_nll.sum() / num_masked.clamp(min=1)
         ar_loss = ar_nll.sum() / num_ar.clamp(min=1)
+        loss = diffusion_loss + ar_loss_weight * ar_loss
+        certainty_loss = None
+        if certainty_weight:
+            certainty_loss = certainty.sum() / correct.sum().clamp(min=1)
+            loss = loss + certainty_weight * certainty_loss
         return BlockDiffusionOutput(
-            loss=diffusion_loss + ar_loss_weight * ar_loss,
+            loss=loss,
             diffusion_loss=diffusion_loss,
             ar_loss=ar_loss,
+            certainty_loss=certainty_loss,
             num_masked_tokens=num_masked,
             num_ar_tokens=num_ar,
         )
 
-    def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy (float32) for selected rows only; chunks recompute in backward to save memory."""
-
+    def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor, certainty_rows: int = 0):
+        """Per-token cross-entropy (float32) of selected rows only, in chunks that recompute in backward to bound
+        the (rows x vocab) memory. For the first ``certainty_rows`` rows also the prediction entropy where the
+        argmax is the target (and that mask); empty tensors otherwise."""
         # The mask token is never a target and never decoded: leaving it out of the softmax keeps the AR loss
         # exactly the source model's (its row is new) and spends no probability mass on it.
         mask_column = torch.tensor([self.mask_token_id], device=hidden.device)
 
-        def nll(h, y):
+        def chunk(h, y, n_certainty):
             logits = self.logits_from_hidden(h).float().index_fill(1, mask_column, float("-inf"))
-            return F.cross_entropy(logits, y, reduction="none")
+            nll = F.cross_entropy(logits, y, reduction="none")
+            if not n_certainty:
+                return nll, nll.new_zeros(0), nll.new_zeros(0, dtype=torch.bool)
+            log_probs = logits[:n_certainty].log_softmax(-1)
+            entropy = -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1)
+            correct = log_probs.argmax(-1) == y[:n_certainty]
+            return nll, entropy * correct, correct
 
         rows = hidden.shape[0]
         if rows <= LOSS_CHUNK_ROWS or not torch.is_grad_enabled():
-            return nll(hidden, targets)
-        return torch.cat(
-            [
-                checkpoint(nll, hidden[i : i + LOSS_CHUNK_ROWS], targets[i : i + LOSS_CHUNK_ROWS], use_reentrant=False)
-                for i in range(0, rows, LOSS_CHUNK_ROWS)
-            ]
-        )
+            return chunk(hidden, targets, certainty_rows)
+        parts = [
+            checkpoint(chunk, hidden[i : i + LOSS_CHUNK_ROWS], targets[i : i + LOSS_CHUNK_ROWS],
+                       min(max(certainty_rows - i, 0), LOSS_CHUNK_ROWS), use_reentrant=False)  # fmt: skip
+            for i in range(0, rows, LOSS_CHUNK_ROWS)
+        ]
+        return tuple(torch.cat(column) for column in zip(*parts))
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()

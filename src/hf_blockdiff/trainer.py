@@ -9,6 +9,7 @@ calls the model's two-stream forward, which computes both losses inside ``forwar
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,17 @@ class BlockDiffusionConfig(SFTConfig):
         default=None,
         metadata={"help": "Steps between growths. Default: evenly spaced, so every size gets the same share."},
     )
+    certainty_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the certainty-forcing term (entropy at correctly predicted masked "
+                                       "positions; dParallel). 0 = off."}  # fmt: skip
+    )
+    self_distillation: bool = field(
+        default=False, metadata={"help": "Replace the targets by the model's own AR decoding of the dataset's prompts."}
+    )
+    distillation_max_new_tokens: int = field(default=256, metadata={"help": "Self-distillation: tokens per target."})
+    distillation_temperature: float = field(default=0.0, metadata={"help": "Self-distillation: 0 = greedy."})
+    distillation_samples: int = field(default=1, metadata={"help": "Self-distillation: samples per prompt (T > 0)."})
+    distillation_batch_size: int = field(default=64, metadata={"help": "Self-distillation: decoding batch size."})
     mask_token: str | None = field(
         default=None, metadata={"help": "Mask token when the model is converted on the fly (default: <|mask|>)."}
     )
@@ -78,8 +90,8 @@ class BlockDiffusionTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "block-diffusion", "hf_blockdiff"]
 
-    def __init__(self, model, args: BlockDiffusionConfig | None = None, processing_class=None, peft_config=None,
-                 callbacks=None, **kwargs):  # fmt: skip
+    def __init__(self, model, args: BlockDiffusionConfig | None = None, train_dataset=None, processing_class=None,
+                 peft_config=None, callbacks=None, **kwargs):  # fmt: skip
         if args is None:
             args = BlockDiffusionConfig(output_dir="block-diffusion")
         if not isinstance(args, BlockDiffusionConfig):
@@ -92,6 +104,8 @@ class BlockDiffusionTrainer(SFTTrainer):
         if getattr(model.config, "mask_token_id", None) is None or not hasattr(model, "two_stream_hidden_states"):
             model, processing_class = convert_model(model, processing_class, args.block_size, args.mask_token)
         self.mask_token_id = model.config.mask_token_id
+        if args.self_distillation:
+            train_dataset = self_distillation_dataset(model, processing_class, train_dataset, args)
         if peft_config is not None:
             _train_mask_row(model, peft_config, self.mask_token_id)
 
@@ -103,8 +117,8 @@ class BlockDiffusionTrainer(SFTTrainer):
             callbacks = list(callbacks or []) + [growth]
         else:
             model.config.block_size = args.block_size
-        super().__init__(model, args=args, processing_class=processing_class, peft_config=peft_config,
-                         callbacks=callbacks, **kwargs)  # fmt: skip
+        super().__init__(model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         peft_config=peft_config, callbacks=callbacks, **kwargs)  # fmt: skip
         # Losses are per-micro-batch means: let Trainer divide them by the gradient-accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.noise = NoiseSampler(self.mask_token_id, args.noise_eps, args.complementary_masking, args.elbo_weighting)
@@ -132,11 +146,14 @@ class BlockDiffusionTrainer(SFTTrainer):
             diffusion_loss_weights=noise.diffusion_loss_weights,
             block_size=block_size,
             ar_loss_weight=self.args.ar_loss_weight,
+            certainty_loss_weight=self.args.certainty_loss_weight,
         )
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         metrics["diffusion_loss"].append(gather(outputs.diffusion_loss.detach()).mean().item())
         metrics["ar_loss"].append(gather(outputs.ar_loss.detach()).mean().item())
+        if outputs.certainty_loss is not None:
+            metrics["certainty_loss"].append(gather(outputs.certainty_loss.detach()).mean().item())
         metrics["masked_fraction"].append(noise.masked_fraction)
         metrics["block_size"] = [float(block_size)]  # the current size, not an average over the logging window
         if mode == "train" and inputs.get("attention_mask") is not None:
@@ -204,6 +221,34 @@ class BlockDiffusionTrainer(SFTTrainer):
         if self.args.hub_model_id:
             info["repo_id"] = self.args.hub_model_id
         write_model_card(directory, config, **info)
+
+
+def self_distillation_dataset(model, tokenizer, dataset, args: BlockDiffusionConfig):
+    """The dataset's prompts decoded by ``model`` at block size 1, cached under ``output_dir/self_distillation``
+    (the main process decodes; the others wait and load)."""
+    from accelerate import PartialState
+    from datasets import load_from_disk
+
+    from .distill import ar_targets, prompts_from
+
+    settings = {"max_new_tokens": args.distillation_max_new_tokens, "temperature": args.distillation_temperature,
+                "samples": args.distillation_samples, "prompts": len(dataset), "seed": args.seed}  # fmt: skip
+    cache = Path(args.output_dir) / "self_distillation"
+    with PartialState().main_process_first():
+        if (cache / "settings.json").is_file() and json.loads((cache / "settings.json").read_text()) == settings:
+            return load_from_disk(str(cache / "data"))
+        device = model.device
+        model.to(args.device)
+        targets = ar_targets(
+            model, tokenizer, prompts_from(dataset), max_new_tokens=args.distillation_max_new_tokens,
+            batch_size=args.distillation_batch_size, samples_per_prompt=args.distillation_samples,
+            temperature=args.distillation_temperature, seed=args.seed,
+        )  # fmt: skip
+        model.to(device)
+        if PartialState().is_main_process:
+            targets.save_to_disk(str(cache / "data"))
+            (cache / "settings.json").write_text(json.dumps(settings))
+        return targets
 
 
 def _train_mask_row(model, peft_config, mask_token_id: int):
