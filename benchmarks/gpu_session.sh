@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One entry point for the GPU machine (torch/transformers preinstalled there; trl, datasets, gguf travel as
+# wheels in .whl/). Usage: bash benchmarks/gpu_session.sh STEP...   Results go to $OUT (default ./gpu_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT" "$HOME/stage" "$HOME/work"
+export PYTHONPATH="$HOME/site:$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TOKENIZERS_PARALLELISM=false
+GGUF=$HOME/stage/SmolLM2-135M-Instruct.Q4_1.gguf
+PY=python3
+log() { echo "=== $* ($(date +%T))"; }
+
+for step in "$@"; do case $step in
+  setup)  # wheels for what the machine lacks
+    [ -d "$HOME/site/trl" ] || $PY -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .whl/*.whl
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; $PY -c "import torch, transformers, trl, peft; print(torch.__version__, transformers.__version__, trl.__version__, peft.__version__)" ;;
+  stage*)  # copy a chunk of the SmolLM2 GGUF; assemble once all are there
+    for d in .stage*/; do [ -d "$d" ] && cp "$d"/part_* "$HOME/stage/"; done
+    if [ -f "$HOME/stage/part_02" ] && [ ! -f "$GGUF" ]; then cat "$HOME"/stage/part_0* > "$GGUF"; fi
+    [ -f "$GGUF" ] && sha256sum "$GGUF" ;;
+  tests-fp32)
+    log tests fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider \
+      tests/test_conformance.py tests/test_masks.py tests/test_generate.py 2>&1 | tail -15 | tee "$OUT/tests_cuda_fp32.txt" ;;
+  tests-bf16)
+    log tests bf16; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=bfloat16 $PY -m pytest -q -p no:cacheprovider \
+      tests/test_conformance.py -k "perturbation or clean_copy or noisy_blocks or block_size_1" 2>&1 | tail -15 | tee "$OUT/tests_cuda_bf16.txt" ;;
+  bench-train)
+    log bench train step; $PY benchmarks/bench_train_step.py 2>&1 | grep -v "^{" | tail -20; cp benchmarks/results/train_step.* "$OUT/" ;;
+  bench-gen)
+    log bench generate smollm2; $PY benchmarks/bench_generate.py --model "$GGUF" --out generate_smollm2 2>&1 | grep -v "^{" | tail -45
+    log bench generate 1.5b; $PY benchmarks/bench_generate.py --shape qwen2-1.5b --thresholds 0.0 1.0 --out generate_qwen2-1.5b 2>&1 | grep -v "^{" | tail -25
+    cp benchmarks/results/generate_* "$OUT/" ;;
+  bench-trainer)
+    log trainer throughput; $PY benchmarks/bench_trainer.py --source "$GGUF" --data .carry/wiki_train.jsonl 2>&1 | grep -v "^{\|it/s" | tail -12; cp benchmarks/results/trainer_throughput.* "$OUT/" ;;
+  multigpu)
+    log multigpu; $PY benchmarks/bench_multigpu.py --data .carry/wiki_train.jsonl --work "$HOME/work/multigpu" 2>&1 | grep -v "it/s" | tail -30
+    cp benchmarks/results/multigpu.* "$HOME/work/multigpu/multigpu_curves.png" "$HOME/work/multigpu/curves.json" "$OUT/" 2>/dev/null ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac; done
