@@ -16,11 +16,14 @@ for step in "$@"; do case $step in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; $PY -c "import torch, transformers, trl, peft; print(torch.__version__, transformers.__version__, trl.__version__, peft.__version__)" ;;
   stage*)  # copy a chunk of the SmolLM2 GGUF; assemble once all are there
     for d in .stage*/; do [ -d "$d" ] && cp "$d"/part_* "$HOME/stage/"; done
-    if [ -f "$HOME/stage/part_02" ] && [ ! -f "$GGUF" ]; then cat "$HOME"/stage/part_0* > "$GGUF"; fi
+    if [ -f "$HOME/stage/part_01" ] && [ ! -f "$GGUF" ]; then cat "$HOME"/stage/part_0* > "$GGUF"; fi
     [ -f "$GGUF" ] && sha256sum "$GGUF" ;;
   tests-fp32)
     log tests fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider \
       tests/test_conformance.py tests/test_masks.py tests/test_generate.py 2>&1 | tail -15 | tee "$OUT/tests_cuda_fp32.txt" ;;
+  tests-flex)
+    log tests flex fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider --tb=short -x \
+      tests/test_conformance.py tests/test_generate.py -k flex_attention 2>&1 | tail -40 | tee "$OUT/tests_cuda_flex_fp32.txt" ;;
   tests-bf16)
     log tests bf16; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=bfloat16 $PY -m pytest -q -p no:cacheprovider \
       tests/test_conformance.py -k "perturbation or clean_copy or noisy_blocks or block_size_1" 2>&1 | tail -15 | tee "$OUT/tests_cuda_bf16.txt" ;;

@@ -48,7 +48,7 @@ def tiny_tokenizer():
 
 COMMON = dict(
     vocab_size=VOCAB + 3,  # the 3 role tokens
-    hidden_size=32,
+    hidden_size=64,
     intermediate_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -64,12 +64,12 @@ COMMON = dict(
 # Sliding windows are tiny so that they matter on 12-16 token tests.
 ARCHS = {
     "llama": (LlamaConfig, {}),
-    "mistral": (MistralConfig, {"sliding_window": WINDOW, "head_dim": 8}),
+    "mistral": (MistralConfig, {"sliding_window": WINDOW, "head_dim": 16}),
     "qwen2": (Qwen2Config, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
-    "qwen3": (Qwen3Config, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, "head_dim": 8}),
-    "gemma2": (Gemma2Config, {"sliding_window": WINDOW, "head_dim": 8, "query_pre_attn_scalar": 8,
+    "qwen3": (Qwen3Config, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, "head_dim": 16}),
+    "gemma2": (Gemma2Config, {"sliding_window": WINDOW, "head_dim": 16, "query_pre_attn_scalar": 16,
                               "attn_logit_softcapping": None, "final_logit_softcapping": 30.0}),
-    "gemma3_text": (Gemma3TextConfig, {"sliding_window": WINDOW, "head_dim": 8, "query_pre_attn_scalar": 8,
+    "gemma3_text": (Gemma3TextConfig, {"sliding_window": WINDOW, "head_dim": 16, "query_pre_attn_scalar": 16,
                                        "layer_types": ["sliding_attention", "full_attention"],
                                        "final_logit_softcapping": 30.0}),
     "phi3": (Phi3Config, {"sliding_window": WINDOW}),
