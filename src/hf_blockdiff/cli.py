@@ -98,7 +98,8 @@ def cmd_generate(args) -> int:
 
     model, tokenizer = load_for_generation(args)
     settings = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
-    for key in ("block_size", "threshold", "steps_per_block", "confidence", "temperature", "top_k", "top_p"):
+    for key in ("block_size", "threshold", "steps_per_block", "confidence", "temperature", "top_k", "top_p",
+                "min_new_tokens"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.do_sample:
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps-per-block", type=int, help="fixed number of denoising steps per block")
     gen.add_argument("--confidence", choices=["probability", "margin", "entropy"], help="confidence measure")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--min-new-tokens", type=int, help="suppress EOS until this many tokens were generated")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
