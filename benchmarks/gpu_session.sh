@@ -38,5 +38,17 @@ for step in "$@"; do case $step in
   multigpu)
     log multigpu; $PY benchmarks/bench_multigpu.py --data .carry/wiki_train.jsonl --work "$HOME/work/multigpu" 2>&1 | grep -v "it/s" | tail -30
     cp benchmarks/results/multigpu.* "$HOME/work/multigpu/multigpu_curves.png" "$HOME/work/multigpu/curves.json" "$OUT/" 2>/dev/null ;;
+  proof-targets)  # issue 6: self-distillation targets from the source's own AR decoding
+    log proof targets; $PY benchmarks/proof_smollm2.py targets --work "$HOME/work/proof" --source "$GGUF" \
+      --prompts .carry/prompts_train.jsonl --max-new-tokens 192 --samples 1 --batch-size 512 2>&1 | grep -v "batch/s\|examples/s" | tail -5
+    cp "$HOME/work/proof/targets.json" "$OUT/" ;;
+  proof-train)
+    log proof train; $PY benchmarks/proof_smollm2.py train --work "$HOME/work/proof" --source "$GGUF" --mode lora \
+      --minutes "${PROOF_MINUTES:-7.5}" --max-steps "${PROOF_STEPS:-1500}" --batch-size 32 --block-size 16 --growth-fraction 0.4 \
+      --certainty "${PROOF_CERTAINTY:-0.3}" --attn "${PROOF_ATTN:-sdpa}" 2>&1 | grep -v "it/s\|s/it" | tail -25
+    cp "$HOME/work/proof/lora/"{adapter_model.safetensors,adapter_config.json,train_info.json,log_history.json} "$OUT/" ;;
+  proof-eval)
+    log proof evaluate; $PY benchmarks/proof_smollm2.py evaluate --work "$HOME/work/proof" --source "$GGUF" \
+      --eval-prompts .carry/prompts_eval.jsonl --wiki .carry/wiki_eval.jsonl --speed --out "$OUT" 2>&1 | grep -v "^{" | tail -40 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac; done

@@ -196,7 +196,7 @@ def continuations_of(sequences, width, eos_ids):
 @torch.no_grad()
 def decode_all(model, prompt_ids, pad, eos, args, **settings):
     """Greedy continuations of every prompt in batches; per-row tokens-per-forward and batch TPF."""
-    continuations, row_tpf, tokens, batch_forwards = [], [], 0, 0
+    continuations, row_tpf, tokens, row_slots = [], [], 0, 0
     for i in range(0, len(prompt_ids), args.eval_batch):
         chunk = prompt_ids[i : i + args.eval_batch]
         width = max(map(len, chunk))
@@ -207,11 +207,11 @@ def decode_all(model, prompt_ids, pad, eos, args, **settings):
         if hasattr(out, "num_forward_passes"):
             row_tpf += (out.num_generated_tokens / out.row_forward_passes).tolist()
             tokens += int(out.num_generated_tokens.sum())
-            batch_forwards += out.num_forward_passes
+            row_slots += out.num_forward_passes * len(chunk)  # every row waits for the batch's forwards
             out = out.sequences
         continuations += continuations_of(out, width, set(eos))
     tpf_row = sum(row_tpf) / len(row_tpf) if row_tpf else 1.0
-    tpf_batch = tokens / batch_forwards if batch_forwards else float("nan")
+    tpf_batch = tokens / row_slots if row_slots else 1.0  # per-row TPF when the batch is decoded in lockstep
     return continuations, tpf_row, tpf_batch
 
 
