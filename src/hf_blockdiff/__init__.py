@@ -18,6 +18,7 @@ _LAZY = {
     "convert_model": "convert",
     "convert_checkpoint": "convert",
     "load_source": "convert",
+    "apply_adapter": "convert",
     "smollm2_gguf_path": "convert",
     "NoiseSampler": "noise",
     "BlockGrowthCallback": "curriculum",

