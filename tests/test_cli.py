@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import source_model, tiny_tokenizer
-from hf_blockdiff import cli
+
+from hf_blockdiff import cli, hub
 from hf_blockdiff import convert as convert_module
-from hf_blockdiff import hub
 
 EXPECTED_FILES = {"README.md", "blockdiff_card.json", "chat_template.jinja", "config.json", "denoise.py",
                   "generation_config.json", "masks.py", "model.safetensors", "modeling_blockdiff.py",

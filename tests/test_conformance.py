@@ -3,12 +3,11 @@ at block size 1. References are brute force: loop-built masks, one forward per b
 
 import pytest
 import torch
-
 from helpers import (
-    TOL,
     ARCH_BACKENDS,
     EOS,
     PAD,
+    TOL,
     converted_pair,
     grid_keys,
     layer_windows,
@@ -16,6 +15,7 @@ from helpers import (
     reference_block_hidden,
     spec_influence,
 )
+
 from hf_blockdiff.masks import positions_from_padding
 
 BLOCK = 3

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import VOCAB, source_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import hf_blockdiff
-from helpers import VOCAB, source_model, tiny_tokenizer
 from hf_blockdiff import convert as convert_module
 
 

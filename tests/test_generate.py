@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from helpers import DEVICE, EOS, PAD, WORDS, converted_pair, padded_batch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, pipeline
 from transformers.generation.streamers import BaseStreamer
-
-from helpers import DEVICE, EOS, PAD, WORDS, converted_pair, padded_batch
 
 NO_EOS = dict(eos_token_id=[], pad_token_id=PAD)
 

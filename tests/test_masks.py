@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import DEVICE, converted_pair, grid_keys, padded_batch, spec_allowed
+
 from hf_blockdiff import masks
 from hf_blockdiff.masks import (
     CLEAN,

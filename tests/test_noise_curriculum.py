@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import padded_batch
+
 from hf_blockdiff import BlockGrowthCallback, NoiseSampler, block_size_at
 from hf_blockdiff.masks import block_grid
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import padded_batch, source_model, tiny_tokenizer
 
 import hf_blockdiff
-from helpers import padded_batch, source_model, tiny_tokenizer
 
 PORTABLE = ("modeling_blockdiff.py", "masks.py", "denoise.py")
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "__future__", "copy", "dataclasses", "math", "typing"}

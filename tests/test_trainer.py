@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from helpers import WORDS, source_model, tiny_tokenizer
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainerCallback
 
-from helpers import WORDS, source_model, tiny_tokenizer
 from hf_blockdiff import BlockDiffusionConfig, BlockDiffusionTrainer, block_size_at
 
 
