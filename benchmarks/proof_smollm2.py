@@ -140,10 +140,11 @@ def load_models(args):
     from hf_blockdiff.convert import apply_adapter
 
     work = Path(args.work)
-    source, tok = load_source(args.source, dtype="bfloat16", device=args.device)
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    source, tok = load_source(args.source, dtype=dtype, device=args.device)
     models = {}
     if (work / "full" / "config.json").is_file():
-        models["full"] = AutoModelForCausalLM.from_pretrained(work / "full", trust_remote_code=True, dtype=torch.bfloat16)
+        models["full"] = AutoModelForCausalLM.from_pretrained(work / "full", trust_remote_code=True, dtype=getattr(torch, dtype))
     if (work / "lora" / "adapter_config.json").is_file():
         import copy
 
@@ -238,27 +239,30 @@ def stage_evaluate(args):
     print(rows[-1], f"{time.time() - t0:.0f}s", flush=True)
     for name, model in models.items():
         nll = wiki_nll(model, tok, wiki, args.device)
-        for block, threshold in [(1, 1.0)] + [(b, t) for b in args.blocks for t in args.thresholds]:
+        guards = [False, True] if args.repeat_guard else [False]
+        settings = [(1, 1.0, False)] + [(b, t, g) for b in args.blocks for t in args.thresholds for g in guards]
+        for block, threshold, guard in settings:
             t0 = time.time()
             conts, tpf_row, tpf_batch = decode_all(model, prompt_ids, pad, eos, args, block_size=block, threshold=threshold,
-                                                   return_dict_in_generate=True)  # fmt: skip
+                                                   repeat_guard=guard, return_dict_in_generate=True)  # fmt: skip
             ppl, d2, length = score(source, prompt_ids, conts, args.device)
-            rows.append({"model": name, "decoding": "AR (ours, b=1)" if block == 1 else "block diffusion", "block": block,
-                         "threshold": threshold if block > 1 else "", "wiki NLL": nll, "gen PPL": ppl, "distinct-2": d2,
-                         "mean len": length, "TPF row": tpf_row, "TPF batch": tpf_batch})  # fmt: skip
+            decoding = "AR (ours, b=1)" if block == 1 else "block diffusion" + (" + repeat guard" if guard else "")
+            rows.append({"model": name, "decoding": decoding, "block": block, "threshold": threshold if block > 1 else "",
+                         "wiki NLL": nll, "gen PPL": ppl, "distinct-2": d2, "mean len": length, "TPF row": tpf_row,
+                         "TPF batch": tpf_batch})  # fmt: skip
             print(rows[-1], f"{time.time() - t0:.0f}s", flush=True)
-            samples[f"{name} b={block} t={threshold}"] = [tok.decode(c) for c in conts[:3]]
+            samples[f"{name} b={block} t={threshold}" + (" guard" if guard else "")] = [tok.decode(c) for c in conts[:3]]
     ref = rows[0]
     for row in rows:
         row["PPL vs source"] = row["gen PPL"] / ref["gen PPL"]
         row["meets bar"] = "yes" if row["TPF row"] >= 2.5 and row["PPL vs source"] <= 1.10 and row["distinct-2"] >= ref["distinct-2"] else ""
-    (out_dir / "proof_quality.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "proof_samples.json").write_text(json.dumps(samples, indent=1))
+    (out_dir / f"{args.tag}_quality.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / f"{args.tag}_samples.json").write_text(json.dumps(samples, indent=1))
     table = markdown_table(rows, ["model", "decoding", "block", "threshold", "wiki NLL", "gen PPL", "PPL vs source",
                                   "distinct-2", "mean len", "TPF row", "TPF batch", "meets bar"])  # fmt: skip
-    (out_dir / "proof_quality.md").write_text(table + "\n")
+    (out_dir / f"{args.tag}_quality.md").write_text(table + "\n")
     print(table)
-    plot(rows, out_dir / "proof_quality_vs_tpf.png")
+    plot(rows, out_dir / f"{args.tag}_quality_vs_tpf.png")
     if args.speed:
         speed(args, source, tok, models, rows, out_dir)
 
@@ -369,6 +373,8 @@ def main():
     parser.add_argument("--eval-batch", type=int, default=120)
     parser.add_argument("--blocks", nargs="+", type=int, default=[4, 8, 16])
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    parser.add_argument("--repeat-guard", action="store_true", help="evaluate each block setting also with the guard")
+    parser.add_argument("--tag", default="proof", help="prefix of the saved files")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

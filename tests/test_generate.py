@@ -25,7 +25,7 @@ def full_mask(prefix_len, block_len, windows, model):
     return masks[None] if None in masks else masks
 
 
-def brute_force_generate(model, prompt, max_new, block_size, threshold, eos):
+def brute_force_generate(model, prompt, max_new, block_size, threshold, eos, repeat_guard=False):
     cfg = model.config.get_text_config(decoder=True)
     if model._mask_per_layer_type:
         windows = {t: cfg.sliding_window if t == "sliding_attention" else None for t in set(cfg.layer_types)}
@@ -63,9 +63,13 @@ def brute_force_generate(model, prompt, max_new, block_size, threshold, eos):
             conf, tok = probs.max(-1)
             open_ = [i for i in range(1, size) if not done[i]]
             best = max(open_, key=lambda i: (conf[i - 1].item(), -i))
-            for i in open_:
-                if i == best or conf[i - 1].item() > threshold:
-                    block[i], done[i] = int(tok[i - 1]), True
+            def repeats_open_neighbour(i):
+                return any(j in open_ and tok[j - 1] == tok[i - 1] for j in (i - 1, i + 1))
+
+            commits = [i for i in open_ if i == best or (conf[i - 1].item() > threshold
+                                                          and not (repeat_guard and repeats_open_neighbour(i)))]  # fmt: skip
+            for i in commits:
+                block[i], done[i] = int(tok[i - 1]), True
             ended = close()
         generated += block
         seq += block
@@ -86,6 +90,36 @@ def test_cached_equals_brute_force(arch, block_size, threshold):
                              eos_token_id=eos, pad_token_id=PAD)  # fmt: skip
         assert got[0, 5:].tolist()[: len(expected)] == expected
         assert all(t == PAD for t in got[0, 5 + len(expected) :].tolist())
+
+
+def test_repeat_guard_holds_back_adjacent_twins():
+    from hf_blockdiff.denoise import select_commits
+
+    conf = torch.tensor([[0.95, 0.99, 0.97, 0.96, 0.2]])
+    proposal = torch.tensor([[5, 5, 7, 7, 9]])
+    open_ = torch.tensor([[True, True, True, False, True]])  # position 3 is already known: 7 there is context
+    quota = torch.tensor([1])
+    plain = select_commits(conf, open_, 0.9, quota)
+    guarded = select_commits(conf, open_, 0.9, quota, proposal)
+    assert plain.tolist() == [[True, True, True, False, False]]
+    # 1 is the quota pick (most confident); 0 repeats its still-masked neighbour 1; 2 repeats only a known token
+    assert guarded.tolist() == [[False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("block_size,threshold", [(4, 0.0), (8, 0.0), (8, 0.5)])
+def test_repeat_guard_cached_equals_brute_force(arch, block_size, threshold):
+    _, model, _ = converted_pair(arch, block_size=block_size)
+    changed = False
+    for seed in range(4):
+        prompt, _ = padded_batch([5], seed=seed)
+        expected = brute_force_generate(model, prompt[0].tolist(), 16, block_size, threshold, [], repeat_guard=True)
+        got = model.generate(prompt, max_new_tokens=16, block_size=block_size, threshold=threshold, repeat_guard=True,
+                             **NO_EOS)  # fmt: skip
+        assert got[0, 5:].tolist() == expected
+        changed |= expected != brute_force_generate(model, prompt[0].tolist(), 16, block_size, threshold, [])
+    if threshold == 0.0:  # committing a whole block at once makes twins common: the guard must have acted
+        assert changed
 
 
 def test_cache_is_exact_prefill_of_committed_tokens():

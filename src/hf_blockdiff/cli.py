@@ -101,7 +101,7 @@ def cmd_generate(args) -> int:
     model, tokenizer = load_for_generation(args)
     settings = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
     for key in ("block_size", "threshold", "steps_per_block", "confidence", "temperature", "top_k", "top_p",
-                "min_new_tokens"):
+                "min_new_tokens", "repeat_guard"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.do_sample:
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threshold", type=float, help="commit masked positions whose confidence exceeds this")
     gen.add_argument("--steps-per-block", type=int, help="fixed number of denoising steps per block")
     gen.add_argument("--confidence", choices=["probability", "margin", "entropy"], help="confidence measure")
+    gen.add_argument("--repeat-guard", action="store_true", default=None,
+                     help="hold back a threshold commit that repeats an adjacent, still-masked proposal")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--min-new-tokens", type=int, help="suppress EOS until this many tokens were generated")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

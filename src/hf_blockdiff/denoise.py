@@ -32,6 +32,8 @@ logger = logging.get_logger(__name__)
 
 CONFIDENCE_MEASURES = ("probability", "margin", "entropy")
 DEFAULT_THRESHOLD = 0.9
+# generate() kwargs (and generation_config attributes) that belong to block diffusion
+BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard")
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
 UNSUPPORTED = ("inputs_embeds", "logits_processor", "assistant_model", "prefix_allowed_tokens_fn", "negative_prompt_ids")
 
@@ -79,6 +81,7 @@ class DenoisePolicy:
     mask_token_id: int | None
     return_dict_in_generate: bool = False
     stop_strings: list[str] | None = None
+    repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         if kwargs.pop(name, None) is not None:
             raise ValueError(f"Block-diffusion generate() does not support `{name}`.")
     gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    block_kwargs = {k: kwargs.pop(k) for k in ("block_size", "threshold", "steps_per_block", "confidence") if k in kwargs}
+    block_kwargs = {k: kwargs.pop(k) for k in BLOCK_SETTINGS if k in kwargs}
     unused = gc.update(**kwargs)
     for key in ("use_cache", "synced_gpus"):
         unused.pop(key, None)
@@ -151,6 +154,7 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         mask_token_id=getattr(model.config, "mask_token_id", None),
         return_dict_in_generate=bool(gc.return_dict_in_generate),
         stop_strings=[gc.stop_strings] if isinstance(gc.stop_strings, str) else gc.stop_strings,
+        repeat_guard=bool(setting("repeat_guard", False)),
     )
 
 
@@ -218,15 +222,27 @@ def choose_tokens(logits: torch.Tensor, policy: DenoisePolicy, forbid_eos: torch
     return tokens.view(shape), conf.view(shape)
 
 
-def select_commits(conf: torch.Tensor, open_: torch.Tensor, threshold: float | None, quota: torch.Tensor):
-    """Positions to commit: open ones whose confidence exceeds ``threshold``, and at least each row's
-    ``quota`` most confident open ones."""
+def select_commits(conf: torch.Tensor, open_: torch.Tensor, threshold: float | None, quota: torch.Tensor,
+                   proposal: torch.Tensor | None = None):  # fmt: skip
+    """Positions to commit: each row's ``quota`` most confident open ones, plus every open one whose confidence
+    exceeds ``threshold``.
+
+    With ``proposal`` (the repeat guard) a threshold commit is held back when an adjacent position that was
+    still masked proposes the same token: both were predicted without seeing each other, and a small model's
+    marginals then often put one word on two neighbours ("a a"). The held-back position is re-predicted next
+    step with its neighbour known; the quota commits keep every step making progress."""
     ranked = torch.where(open_, conf, -math.inf)
     order = ranked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     commit = open_ & (rank < quota.unsqueeze(1))
     if threshold is not None:
-        commit |= open_ & (conf > threshold)
+        extra = open_ & (conf > threshold)
+        if proposal is not None:
+            same_left = (proposal[:, 1:] == proposal[:, :-1]) & open_[:, :-1]  # for positions 1.., neighbour on the left
+            same_right = (proposal[:, :-1] == proposal[:, 1:]) & open_[:, 1:]  # for positions ..-1, on the right
+            extra[:, 1:] &= ~same_left
+            extra[:, :-1] &= ~same_right
+        commit |= extra
     return commit
 
 
@@ -338,7 +354,7 @@ def _denoise_block(state: _Rows, block, n: int, policy: DenoisePolicy, generator
             quota = torch.div(open_.sum(1) + steps_left - 1, steps_left, rounding_mode="floor")
         else:
             quota = torch.ones_like(rows)
-        commit = select_commits(conf, open_, policy.threshold, quota)
+        commit = select_commits(conf, open_, policy.threshold, quota, proposal if policy.repeat_guard else None)
         block[rows, 1:] = torch.where(commit, proposal, block[rows, 1:])
         done[rows, 1:] |= commit
         at[rows, 1:] = torch.where(commit, state.forwards[state.index[rows]].unsqueeze(1), at[rows, 1:])

@@ -263,7 +263,7 @@ class BlockDiffusionMixin:
         Takes the usual arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``eos_token_id``, ``pad_token_id``, ``min_new_tokens``, ``stopping_criteria``,
         ``return_dict_in_generate``, ``streamer``) and the block-diffusion ones: ``block_size``, ``threshold``,
-        ``steps_per_block``, ``confidence`` ('probability' | 'margin' | 'entropy') and ``generator``.
+        ``steps_per_block``, ``confidence`` ('probability' | 'margin' | 'entropy'), ``repeat_guard`` and ``generator``.
         Defaults come from ``generation_config``. ``block_size=1`` is exactly autoregressive decoding.
         """
         return generate_blocks(
