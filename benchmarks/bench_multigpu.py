@@ -34,8 +34,12 @@ def tokenizer_for(data, path: Path):
     if not (path / "tokenizer.json").is_file():
         backend = Tokenizer(models.BPE(unk_token="<unk>"))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.train_from_iterator(data, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<unk>", "<eos>", "<pad>"]))
-        tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+        backend.train_from_iterator(
+            data, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<unk>", "<eos>", "<pad>"])
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+        )
         tok.save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
@@ -88,7 +92,9 @@ def worker(args):
 
 def launch(name, config, processes, args):
     cmd = ["accelerate", "launch", "--num_processes", str(processes), "--main_process_port", str(29500 + processes)]
-    cmd += ["--config_file", str(ROOT / "examples" / "accelerate" / config)] if config else ["--mixed_precision", "bf16"]
+    cmd += (
+        ["--config_file", str(ROOT / "examples" / "accelerate" / config)] if config else ["--mixed_precision", "bf16"]
+    )
     cmd += [str(Path(__file__).resolve()), "--worker", "--name", name, "--data", args.data, "--work", args.work,
             "--steps", str(args.steps), "--global-batch", str(args.global_batch), "--block-size", str(args.block_size),
             "--attn", args.attn]  # fmt: skip

@@ -54,12 +54,16 @@ def run(kind, source, tok, data, args):
     torch.cuda.reset_peak_memory_stats()
     if kind == "AR SFTTrainer (sdpa)":
         model.set_attn_implementation("sdpa")
-        trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=data, processing_class=tok, callbacks=[timer])
+        trainer = SFTTrainer(
+            model, args=SFTConfig(**common), train_dataset=data, processing_class=tok, callbacks=[timer]
+        )
     else:
         model, tokenizer = convert_model(model, copy.deepcopy(tok), block_size=args.block_size)
         model.set_attn_implementation("flex_attention" if "flex" in kind else "sdpa")
         config = BlockDiffusionConfig(**common, block_size=args.block_size, block_growth=False)
-        trainer = BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+        trainer = BlockDiffusionTrainer(
+            model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer]
+        )
     batches = iter(trainer.get_train_dataloader())
     tokens = statistics.mean(int(next(batches)["attention_mask"].sum()) for _ in range(8))
     trainer.train()
@@ -91,7 +95,10 @@ def main():
     texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines() if line.strip()]
     data = Dataset.from_dict({"text": texts})
     source, tok = load_source(args.source, dtype="bfloat16", device="cuda")
-    rows = [run(kind, source, tok, data, args) for kind in ("AR SFTTrainer (sdpa)", "block diffusion (flex)", "block diffusion (dense sdpa)")]
+    rows = [
+        run(kind, source, tok, data, args)
+        for kind in ("AR SFTTrainer (sdpa)", "block diffusion (flex)", "block diffusion (dense sdpa)")
+    ]
     for row in rows:
         row["tokens/s vs AR"] = row["tokens/s"] / rows[0]["tokens/s"]
         row["memory vs AR"] = row["peak GiB"] / rows[0]["peak GiB"]

@@ -113,5 +113,7 @@ def save(name: str, title: str, rows: list[dict], notes: str = "", columns=None)
     text = f"{header}\n\n{markdown_table(rows, columns)}\n" + (f"\n{notes}\n" if notes else "")
     print(text)
     (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "device": device_name(), "rows": rows}, indent=1))
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"title": title, "device": device_name(), "rows": rows}, indent=1)
+    )
     return RESULTS / f"{name}.md"

@@ -108,7 +108,11 @@ def stage_train(args):
         growth_interval_steps=max(1, int(args.max_steps * args.growth_fraction / max(1, math.log2(args.block_size)))),
         gradient_checkpointing=False,
     )  # fmt: skip
-    peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    peft_config = (
+        LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+        if lora
+        else None
+    )
     trainer = BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tok,
                                     peft_config=peft_config, callbacks=[time_limit(args.minutes * 60)])  # fmt: skip
     start = time.time()
@@ -144,7 +148,9 @@ def load_models(args):
     source, tok = load_source(args.source, dtype=dtype, device=args.device)
     models = {}
     if (work / "full" / "config.json").is_file():
-        models["full"] = AutoModelForCausalLM.from_pretrained(work / "full", trust_remote_code=True, dtype=getattr(torch, dtype))
+        models["full"] = AutoModelForCausalLM.from_pretrained(
+            work / "full", trust_remote_code=True, dtype=getattr(torch, dtype)
+        )
     if (work / "lora" / "adapter_config.json").is_file():
         import copy
 
@@ -161,7 +167,9 @@ def wiki_nll(model, tok, texts, device, max_length=256, batch=32):
                   padding_side="right").to(device)  # fmt: skip
         logits = model(**enc).logits[..., :SOURCE_VOCAB].float()
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="sum", ignore_index=-100)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, reduction="sum", ignore_index=-100
+        )
         total += nll.item()
         count += (targets != -100).sum().item()
     return total / count
@@ -183,7 +191,11 @@ def score(source, prompt_ids, continuations, device, batch=32):
                 total -= logp[r, len(p) - 1 : len(p) - 1 + len(c)].sum().item()
                 count += len(c)
     bigrams = [tuple(c[j : j + 2]) for c in continuations for j in range(len(c) - 1)]
-    return math.exp(total / max(count, 1)), len(set(bigrams)) / max(len(bigrams), 1), count / max(len(continuations), 1)
+    return (
+        math.exp(total / max(count, 1)),
+        len(set(bigrams)) / max(len(bigrams), 1),
+        count / max(len(continuations), 1),
+    )
 
 
 def continuations_of(sequences, width, eos_ids):
@@ -223,9 +235,21 @@ def stage_evaluate(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     source, tok, models = load_models(args)
     pad = tok.pad_token_id
-    eos = sorted({tok.eos_token_id, *([source.generation_config.eos_token_id] if isinstance(source.generation_config.eos_token_id, int) else source.generation_config.eos_token_id or [])})
+    eos = sorted(
+        {
+            tok.eos_token_id,
+            *(
+                [source.generation_config.eos_token_id]
+                if isinstance(source.generation_config.eos_token_id, int)
+                else source.generation_config.eos_token_id or []
+            ),
+        }
+    )
     prompts = read_jsonl(args.eval_prompts, "prompt", args.num_prompts)
-    prompt_ids = [tok.apply_chat_template(chat(p), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+    prompt_ids = [
+        tok.apply_chat_template(chat(p), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for p in prompts
+    ]
     wiki = read_jsonl(args.wiki, "text", args.num_wiki)
 
     rows = []
@@ -251,11 +275,17 @@ def stage_evaluate(args):
                          "wiki NLL": nll, "gen PPL": ppl, "distinct-2": d2, "mean len": length, "TPF row": tpf_row,
                          "TPF batch": tpf_batch})  # fmt: skip
             print(rows[-1], f"{time.time() - t0:.0f}s", flush=True)
-            samples[f"{name} b={block} t={threshold}" + (" guard" if guard else "")] = [tok.decode(c) for c in conts[:3]]
+            samples[f"{name} b={block} t={threshold}" + (" guard" if guard else "")] = [
+                tok.decode(c) for c in conts[:3]
+            ]
     ref = rows[0]
     for row in rows:
         row["PPL vs source"] = row["gen PPL"] / ref["gen PPL"]
-        row["meets bar"] = "yes" if row["TPF row"] >= 2.5 and row["PPL vs source"] <= 1.10 and row["distinct-2"] >= ref["distinct-2"] else ""
+        row["meets bar"] = (
+            "yes"
+            if row["TPF row"] >= 2.5 and row["PPL vs source"] <= 1.10 and row["distinct-2"] >= ref["distinct-2"]
+            else ""
+        )
     (out_dir / f"{args.tag}_quality.json").write_text(json.dumps(rows, indent=1))
     (out_dir / f"{args.tag}_samples.json").write_text(json.dumps(samples, indent=1))
     table = markdown_table(rows, ["model", "decoding", "block", "threshold", "wiki NLL", "gen PPL", "PPL vs source",
@@ -285,8 +315,21 @@ def plot(rows, path):
         for r in pts:
             ax.scatter(r["TPF row"], r["gen PPL"], marker=markers.get(r["block"], "x"), color=colors[name], s=40)
             if r["block"] > 1:
-                ax.annotate(f"{r['threshold']}", (r["TPF row"], r["gen PPL"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.plot([], [], color=colors[name], marker="o", ls="", label=f"{name} (block 4/8/16 = o/s/^, b=1 = *; label: threshold)")
+                ax.annotate(
+                    f"{r['threshold']}",
+                    (r["TPF row"], r["gen PPL"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.plot(
+            [],
+            [],
+            color=colors[name],
+            marker="o",
+            ls="",
+            label=f"{name} (block 4/8/16 = o/s/^, b=1 = *; label: threshold)",
+        )
     ax.set_xlabel("tokens per forward (per row)")
     ax.set_ylabel("generative perplexity (scored by source)")
     ax.set_yscale("log")
@@ -305,10 +348,17 @@ def speed(args, source, tok, models, rows, out_dir):
     best = sorted(candidates, key=lambda r: (-(r["PPL vs source"] <= 1.10), -r["TPF row"]))[:2]
     table = []
     for batch in (1, 16):
-        texts = [tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in (PROMPTS * 2)[:batch]]
+        texts = [
+            tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in (PROMPTS * 2)[:batch]
+        ]
         inputs = tok(texts, return_tensors="pt", padding=True, padding_side="left").to(args.device)
         width = inputs["input_ids"].shape[1]
-        common = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        common = dict(
+            max_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         runs = [("source AR eager", source, {}), ("source AR static", source, {"cache_implementation": "static"})]
         runs += [(f"{r['model']} b={r['block']} t={r['threshold']}", models[r["model"]],
                   {"block_size": r["block"], "threshold": r["threshold"], "return_dict_in_generate": True}) for r in best]  # fmt: skip
@@ -328,7 +378,17 @@ def speed(args, source, tok, models, rows, out_dir):
                 tokens, tpf = int(generated_tokens(out, width, [tok.eos_token_id]).sum()), 1.0
             tps = tokens / ms * 1000
             eager = eager or tps
-            table.append({"batch": batch, "decoder": name, "tokens": tokens, "ms": ms, "tok/s": tps, "TPF row": tpf, "vs AR eager": tps / eager})
+            table.append(
+                {
+                    "batch": batch,
+                    "decoder": name,
+                    "tokens": tokens,
+                    "ms": ms,
+                    "tok/s": tps,
+                    "TPF row": tpf,
+                    "vs AR eager": tps / eager,
+                }
+            )
             print(table[-1], flush=True)
     (out_dir / "proof_speed.json").write_text(json.dumps(table, indent=1))
     text = markdown_table(table)
@@ -349,7 +409,9 @@ def main():
     parser.add_argument("--prompts")
     parser.add_argument("--max-prompts", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=192)
-    parser.add_argument("--samples", type=int, default=1, help="sampled trajectories per prompt, besides the greedy one")
+    parser.add_argument(
+        "--samples", type=int, default=1, help="sampled trajectories per prompt, besides the greedy one"
+    )
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--batch-size", type=int, default=256)
     # train

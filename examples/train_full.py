@@ -19,7 +19,9 @@ from hf_blockdiff.data import load_named_dataset
 
 @dataclass
 class ScriptArguments:
-    model: str = field(default="smollm2", metadata={"help": "AR checkpoint: directory, Hub id, GGUF file or 'smollm2'."})
+    model: str = field(
+        default="smollm2", metadata={"help": "AR checkpoint: directory, Hub id, GGUF file or 'smollm2'."}
+    )
     dataset: str = field(default="sharegpt", metadata={"help": "wiki | sharegpt | sharegpt-chat | a file | a Hub id."})
     eval_size: int = field(default=0, metadata={"help": "Hold out this many examples for evaluation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
@@ -46,7 +48,9 @@ def main(script_args, args):
     model, tokenizer = load_source(script_args.model, dtype="bfloat16" if args.bf16 else None)
     model, tokenizer = convert_model(model, tokenizer, block_size=args.block_size, mask_token=args.mask_token)
     train, evaluation = datasets(script_args, args.seed)
-    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+    trainer = BlockDiffusionTrainer(
+        model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
+    )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
     if args.push_to_hub:

@@ -197,7 +197,10 @@ def reference_block_hidden(model, prefix_ids, prefix_valid, prefix_pos, block_id
         windows = {t: cfg.sliding_window if t == "sliding_attention" else None for t in set(cfg.layer_types)}
     else:
         windows = {None: getattr(cfg, "sliding_window", None)}
-    masks = {t: reference_block_mask(prefix_valid, prefix_pos, block_pos, w, backend, model.dtype) for t, w in windows.items()}
+    masks = {
+        t: reference_block_mask(prefix_valid, prefix_pos, block_pos, w, backend, model.dtype)
+        for t, w in windows.items()
+    }
     mask = masks[None] if None in masks else masks
     return model.model(
         input_ids=torch.tensor([block_ids], device=DEVICE),

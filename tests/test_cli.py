@@ -47,17 +47,36 @@ def test_convert_then_generate_tiny(tiny_source, tmp_path, capsys):
     card = (dst / "README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
     assert header["license"] == "mit" and header["library_name"] == "transformers"
-    assert header["tags"] == ["block-diffusion", "hf_blockdiff", "qwen3"] and header["pipeline_tag"] == "text-generation"
+    assert (
+        header["tags"] == ["block-diffusion", "hf_blockdiff", "qwen3"] and header["pipeline_tag"] == "text-generation"
+    )
     assert "| `block_size` | `4` |" in card and "converted, not trained" in card
 
     svg = tmp_path / "trace.svg"
-    code, out, err = run(["generate", dst, "w1 w2 w3", "--max-new-tokens", "9", "--threshold", "0.3", "--visualize", svg], capsys)
+    code, out, err = run(
+        ["generate", dst, "w1 w2 w3", "--max-new-tokens", "9", "--threshold", "0.3", "--visualize", svg], capsys
+    )
     assert code == 0, err
     assert out.strip() and "tokens per forward" in err and "tokens/s" in err
     assert svg.read_text().startswith("<svg") and not list(tmp_path.glob(".trace*"))
 
-    code, out, err = run(["generate", dst, "w5 w6", "--chat", "--stream", "--do-sample", "--seed", "3", "--max-new-tokens", "8",
-                          "--min-new-tokens", "8"], capsys)
+    code, out, err = run(
+        [
+            "generate",
+            dst,
+            "w5 w6",
+            "--chat",
+            "--stream",
+            "--do-sample",
+            "--seed",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--min-new-tokens",
+            "8",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert out.strip() and "tokens per forward" in err  # a random model may sample EOS first: min-new-tokens
 
@@ -164,7 +183,9 @@ def test_push_uploads_the_exact_folder_with_our_card(tiny_source, tmp_path, caps
         assert files[name] == (dst / name).read_bytes()
 
     FakeApi.calls = []
-    code, _, err = run(["convert", tiny_source, tmp_path / "bd2", "--no-validate", "--push-to-hub", "me/tiny2"], capsys)
+    code, _, err = run(
+        ["convert", tiny_source, tmp_path / "bd2", "--no-validate", "--push-to-hub", "me/tiny2"], capsys
+    )
     assert code == 0, err
     assert FakeApi.calls[-1][1] == "me/tiny2"
 

@@ -132,7 +132,9 @@ def test_losses_equal_slow_reference(arch, backend):
     source, model, _ = converted_pair(arch, backend, block_size=BLOCK)
     ids, am, labels, noisy, pos = layout(model.config.mask_token_id, seed=1)
     with torch.no_grad():
-        out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels, block_size=BLOCK)
+        out = model(
+            input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels, block_size=BLOCK
+        )
         ar_expected = source(ids, attention_mask=am, position_ids=pos, labels=labels).loss
 
     total, count, entropy_correct, correct = 0.0, 0, 0.0, 0
@@ -165,7 +167,9 @@ def test_losses_equal_slow_reference(arch, backend):
         forced = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels,
                        block_size=BLOCK, certainty_loss_weight=0.3)  # fmt: skip
     if correct:
-        torch.testing.assert_close(forced.certainty_loss.item(), entropy_correct / correct, rtol=TOL * 10, atol=TOL * 10)
+        torch.testing.assert_close(
+            forced.certainty_loss.item(), entropy_correct / correct, rtol=TOL * 10, atol=TOL * 10
+        )
     torch.testing.assert_close(forced.loss, out.loss + 0.3 * forced.certainty_loss)
 
 

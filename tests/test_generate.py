@@ -63,6 +63,7 @@ def brute_force_generate(model, prompt, max_new, block_size, threshold, eos, rep
             conf, tok = probs.max(-1)
             open_ = [i for i in range(1, size) if not done[i]]
             best = max(open_, key=lambda i: (conf[i - 1].item(), -i))
+
             def repeats_open_neighbour(i):
                 return any(j in open_ and tok[j - 1] == tok[i - 1] for j in (i - 1, i + 1))
 
@@ -125,7 +126,9 @@ def test_repeat_guard_cached_equals_brute_force(arch, block_size, threshold):
 def test_cache_is_exact_prefill_of_committed_tokens():
     _, model, _ = converted_pair("gemma3_text", block_size=4)
     ids, am = padded_batch([7, 4], seed=2)
-    out = model.generate(ids, attention_mask=am, max_new_tokens=12, threshold=0.5, return_dict_in_generate=True, **NO_EOS)
+    out = model.generate(
+        ids, attention_mask=am, max_new_tokens=12, threshold=0.5, return_dict_in_generate=True, **NO_EOS
+    )
     cache = out.past_key_values
     length = cache.get_seq_length()
     assert length == ids.shape[1] + 12 - 4  # everything but the last block is committed
@@ -135,8 +138,12 @@ def test_cache_is_exact_prefill_of_committed_tokens():
     model(out.sequences[:, :length], attention_mask=full_am, position_ids=position_ids, past_key_values=fresh)
     for ours, ref in zip(cache.layers, fresh.layers):
         valid = full_am.bool()
-        torch.testing.assert_close(ours.keys.transpose(1, 2)[valid], ref.keys.transpose(1, 2)[valid], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.values.transpose(1, 2)[valid], ref.values.transpose(1, 2)[valid], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ours.keys.transpose(1, 2)[valid], ref.keys.transpose(1, 2)[valid], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            ours.values.transpose(1, 2)[valid], ref.values.transpose(1, 2)[valid], rtol=1e-5, atol=1e-5
+        )
 
 
 def batch_with_stop_token(model, row=1):
@@ -146,7 +153,9 @@ def batch_with_stop_token(model, row=1):
     for seed in range(7, 27):
         ids, am = padded_batch([8, 3, 6], seed=seed)
         prompts = [ids[r : r + 1, -int(am[r].sum()) :] for r in range(3)]
-        alone = [model.generate(p, max_new_tokens=16, threshold=0.6, **NO_EOS)[0, p.shape[1] :].tolist() for p in prompts]
+        alone = [
+            model.generate(p, max_new_tokens=16, threshold=0.6, **NO_EOS)[0, p.shape[1] :].tolist() for p in prompts
+        ]
         for token in alone[row][2:8]:
             if all(token not in alone[r][:14] for r in range(len(alone)) if r != row) and token not in alone[row][:2]:
                 return ids, am, prompts, token
@@ -157,7 +166,9 @@ def batch_with_stop_token(model, row=1):
 def test_left_padded_batch_equals_rows_alone(block_size):
     _, model, _ = converted_pair("qwen2", block_size=block_size)
     ids, am, prompts, stop = batch_with_stop_token(model, row=1)
-    kwargs = dict(max_new_tokens=16, threshold=0.6, eos_token_id=[stop], pad_token_id=PAD, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=16, threshold=0.6, eos_token_id=[stop], pad_token_id=PAD, return_dict_in_generate=True
+    )
     batch = model.generate(ids, attention_mask=am, **kwargs)
     lengths = []
     for r, prompt in enumerate(prompts):
@@ -189,7 +200,10 @@ def test_forward_accounting(block_size):
 
     everything = run(threshold=0.0)  # every block: one denoising step, one commit (none after the last)
     assert everything.num_forward_passes == 2 * blocks
-    assert (everything.committed_at.view(blocks, block_size)[:, 1:] == everything.committed_at.view(blocks, block_size)[:, 1:2]).all()
+    assert (
+        everything.committed_at.view(blocks, block_size)[:, 1:]
+        == everything.committed_at.view(blocks, block_size)[:, 1:2]
+    ).all()
     one_by_one = run(threshold=1.0)  # confidence never exceeds 1: one token per step
     assert one_by_one.num_forward_passes == 1 + blocks * (block_size - 1) + (blocks - 1)
     order = one_by_one.committed_at.view(blocks, block_size)[:, 1:].sort(-1).values

@@ -118,10 +118,14 @@ def test_flex_attention_equals_dense(arch):
     for backend in ("sdpa", "flex_attention"):
         _, model, _ = converted_pair(arch, backend, block_size=3)
         ids, am = padded_batch([16, 11], left=True, seed=5)
-        noisy = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4, model.config.mask_token_id)
+        noisy = ids.masked_fill(
+            torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4, model.config.mask_token_id
+        )
         with torch.no_grad():
             out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, block_size=3)
-            hidden, _ = model.two_stream_hidden_states(ids, noisy.unsqueeze(1), am, positions_from_padding(am), None, 3)
+            hidden, _ = model.two_stream_hidden_states(
+                ids, noisy.unsqueeze(1), am, positions_from_padding(am), None, 3
+            )
         results[backend] = (out.diffusion_loss, out.ar_loss, hidden[am.bool().unsqueeze(1).expand(-1, 2, -1)])
     for dense, flex in zip(results["sdpa"], results["flex_attention"]):
         torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)

@@ -63,7 +63,9 @@ def test_complementary_copies_cover_every_maskable_position_once():
     torch.testing.assert_close(weights[:, 1][noise.maskable], 1 / (1 - t[noise.maskable]))
 
 
-@pytest.mark.parametrize("start,ratio,warmup,interval,maximum", [(1, 2, 0, 10, 32), (1, 2, 25, 7, 16), (2, 3, 5, 4, 40)])
+@pytest.mark.parametrize(
+    "start,ratio,warmup,interval,maximum", [(1, 2, 0, 10, 32), (1, 2, 25, 7, 16), (2, 3, 5, 4, 40)]
+)
 def test_growth_follows_the_formula(start, ratio, warmup, interval, maximum):
     for step in range(200):
         expected = min(maximum, start * ratio ** math.floor(max(0, step - warmup) / interval))

@@ -75,7 +75,9 @@ def test_remote_code_round_trip_without_hf_blockdiff(tmp_path):
     ids, _ = padded_batch([9, 9], seed=4)
     with torch.no_grad():
         expected = model(ids).logits
-    expected_gen = model.generate(ids[:, :5], max_new_tokens=8, block_size=4, threshold=0.5, return_dict_in_generate=True)
+    expected_gen = model.generate(
+        ids[:, :5], max_new_tokens=8, block_size=4, threshold=0.5, return_dict_in_generate=True
+    )
 
     result, logits = run_isolated(tmp_path / "ckpt", True, tmp_path, ids)
     assert result["class"] == "BlockDiffusionQwen2ForCausalLM"

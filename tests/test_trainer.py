@@ -38,7 +38,9 @@ class RecordBlockSize(TrainerCallback):
 
 def test_loss_decreases_and_both_parts_are_logged(tmp_path):
     args = config(tmp_path, block_growth=False, max_steps=60)
-    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer())
+    trainer = BlockDiffusionTrainer(
+        source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer()
+    )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "diffusion_loss" in entry]
     assert all({"ar_loss", "masked_fraction", "block_size", "loss"} <= set(entry) for entry in logs)
@@ -57,13 +59,35 @@ def test_packing_is_refused():
 def test_config_from_cli_and_yaml(tmp_path):
     parser = HfArgumentParser(BlockDiffusionConfig)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", "o", "--block_size", "8", "--ar_loss_weight", "0.25", "--complementary_masking", "true",
-         "--growth_interval_steps", "50", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+        [
+            "--output_dir",
+            "o",
+            "--block_size",
+            "8",
+            "--ar_loss_weight",
+            "0.25",
+            "--complementary_masking",
+            "true",
+            "--growth_interval_steps",
+            "50",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+        ]  # fmt: skip
     )
-    assert (args.block_size, args.ar_loss_weight, args.complementary_masking, args.growth_interval_steps) == (8, 0.25, True, 50)
+    assert (args.block_size, args.ar_loss_weight, args.complementary_masking, args.growth_interval_steps) == (
+        8,
+        0.25,
+        True,
+        50,
+    )
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": "o", "block_size": 32, "elbo_weighting": True, "report_to": "none",
-                                   "use_cpu": True}))
+    path.write_text(
+        yaml.safe_dump(
+            {"output_dir": "o", "block_size": 32, "elbo_weighting": True, "report_to": "none", "use_cpu": True}
+        )
+    )
     (from_yaml,) = parser.parse_yaml_file(str(path))
     assert from_yaml.block_size == 32 and from_yaml.elbo_weighting and from_yaml.ar_loss_weight == 0.5
 
@@ -78,7 +102,9 @@ def test_growth_follows_the_schedule_and_survives_resume(tmp_path):
                 control.should_training_stop = True
 
     def trainer_with(recorder, *extra, **overrides):
-        args = config(tmp_path, **{"max_steps": 16, "save_strategy": "steps", "save_steps": 7, **schedule, **overrides})
+        args = config(
+            tmp_path, **{"max_steps": 16, "save_strategy": "steps", "save_steps": 7, **schedule, **overrides}
+        )
         return BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(),
                                      processing_class=tiny_tokenizer(), callbacks=[recorder, *extra])  # fmt: skip
 
@@ -121,7 +147,9 @@ def test_completion_only_loss_never_touches_the_prompt(tmp_path):
     assert not noise.masked[labels == -100].any() and noise.masked.any()
     model = trainer.model
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, labels=labels, noisy_input_ids=noise.noisy_input_ids, block_size=4)
+        out = model(
+            input_ids=ids, attention_mask=am, labels=labels, noisy_input_ids=noise.noisy_input_ids, block_size=4
+        )
         logits = model(input_ids=ids, attention_mask=am).logits.float()
     logits[..., trainer.mask_token_id] = float("-inf")
     targets = labels[:, 1:]
@@ -143,8 +171,8 @@ def test_lora_adapter_trains_mask_row_merges_and_reloads(tmp_path):
 
     merged = trainer.model.merge_and_unload()
     embed = merged.get_input_embeddings().weight.detach()
-    assert torch.equal(embed[: mask_id], embed_before[: mask_id])  # every other row untouched
-    start = embed_before[: mask_id].mean(0)
+    assert torch.equal(embed[:mask_id], embed_before[:mask_id])  # every other row untouched
+    start = embed_before[:mask_id].mean(0)
     assert not torch.allclose(embed[mask_id], start)  # the mask row learned
     assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
     merged.save_pretrained(tmp_path / "merged")
@@ -160,7 +188,9 @@ def test_lora_adapter_trains_mask_row_merges_and_reloads(tmp_path):
 
 def test_self_distillation_trains_on_the_models_own_greedy_decoding(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
-    prompts = [[{"role": "user", "content": " ".join(f"w{(s * 5 + i) % WORDS}" for i in range(3 + s % 3))}] for s in range(6)]
+    prompts = [
+        [{"role": "user", "content": " ".join(f"w{(s * 5 + i) % WORDS}" for i in range(3 + s % 3))}] for s in range(6)
+    ]
     data = Dataset.from_dict({"prompt": prompts, "completion": [[{"role": "assistant", "content": "w1"}]] * 6})
     source = source_model("llama")
     args = config(tmp_path, self_distillation=True, distillation_max_new_tokens=7, distillation_batch_size=4,
@@ -181,13 +211,17 @@ def test_self_distillation_trains_on_the_models_own_greedy_decoding(tmp_path, mo
 
     import hf_blockdiff.distill
 
-    monkeypatch.setattr(hf_blockdiff.distill, "ar_targets", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    monkeypatch.setattr(
+        hf_blockdiff.distill, "ar_targets", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated"))
+    )
     again = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=data, processing_class=tok)
     assert len(again.train_dataset) == 6  # read back from output_dir/self_distillation
 
 
 def test_certainty_loss_is_logged_when_on(tmp_path):
     args = config(tmp_path, block_growth=False, max_steps=3, certainty_loss_weight=0.5)
-    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer())
+    trainer = BlockDiffusionTrainer(
+        source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer()
+    )
     trainer.train()
     assert any("certainty_loss" in entry for entry in trainer.state.log_history)

@@ -31,6 +31,7 @@ CONVERT_EXAMPLES = """examples:
   hf_blockdiff convert smollm2 ./smollm2-bd --adapter path/to/lora  # apply a trained LoRA adapter
 """
 
+
 def cmd_convert(args) -> int:
     from .convert import ValidationError, convert_with_report
 
@@ -56,7 +57,9 @@ def cmd_convert(args) -> int:
     if args.push_to_hub:
         from .hub import push_to_hub
 
-        url = push_to_hub(report["path"], args.push_to_hub, private=args.private, revision=args.revision, token=args.token)
+        url = push_to_hub(
+            report["path"], args.push_to_hub, private=args.private, revision=args.revision, token=args.token
+        )
         print(f"  pushed:      {url}")
     print(f"Next: hf_blockdiff generate {report['path']} 'Hello' --chat")
     return 0
@@ -100,8 +103,17 @@ def cmd_generate(args) -> int:
 
     model, tokenizer = load_for_generation(args)
     settings = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
-    for key in ("block_size", "threshold", "steps_per_block", "confidence", "temperature", "top_k", "top_p",
-                "min_new_tokens", "repeat_guard"):
+    for key in (
+        "block_size",
+        "threshold",
+        "steps_per_block",
+        "confidence",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_new_tokens",
+        "repeat_guard",
+    ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.do_sample:
@@ -120,7 +132,9 @@ def cmd_generate(args) -> int:
         start = time.perf_counter()
         out = model.generate(**inputs, streamer=streamer, **settings)
         seconds = time.perf_counter() - start
-        new = out.sequences[0, inputs["input_ids"].shape[1] : inputs["input_ids"].shape[1] + int(out.num_generated_tokens[0])]
+        new = out.sequences[
+            0, inputs["input_ids"].shape[1] : inputs["input_ids"].shape[1] + int(out.num_generated_tokens[0])
+        ]
         reply = tokenizer.decode(new, skip_special_tokens=True)
         if not args.stream:
             print(reply)
@@ -172,7 +186,11 @@ def environment() -> dict:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    info = {"hf_blockdiff": _version("hf_blockdiff"), "python": platform.python_version(), "platform": platform.platform()}
+    info = {
+        "hf_blockdiff": _version("hf_blockdiff"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     for package in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "gguf"):
         try:
             info[package] = version(package)
@@ -247,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threshold", type=float, help="commit masked positions whose confidence exceeds this")
     gen.add_argument("--steps-per-block", type=int, help="fixed number of denoising steps per block")
     gen.add_argument("--confidence", choices=["probability", "margin", "entropy"], help="confidence measure")
-    gen.add_argument("--repeat-guard", action="store_true", default=None,
-                     help="hold back a threshold commit that repeats an adjacent, still-masked proposal")
+    gen.add_argument(
+        "--repeat-guard",
+        action="store_true",
+        default=None,
+        help="hold back a threshold commit that repeats an adjacent, still-masked proposal",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--min-new-tokens", type=int, help="suppress EOS until this many tokens were generated")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

@@ -48,7 +48,9 @@ def convert_model(model, tokenizer, block_size: int = 4, mask_token: str | None 
     cls = block_diffusion_class(model.config)
     stock = cls.__bases__[-1]  # class BlockDiffusionXxxForCausalLM(BlockDiffusionMixin, XxxForCausalLM)
     if type(model) not in (cls, stock) and type(model).__name__ != cls.__name__:
-        raise TypeError(f"Expected a {stock.__name__} for model_type {model.config.model_type!r}, got {type(model).__name__}.")
+        raise TypeError(
+            f"Expected a {stock.__name__} for model_type {model.config.model_type!r}, got {type(model).__name__}."
+        )
     attention_backend(model.config)  # refuse flash-attention now rather than at the first training step
 
     mask_token_id = _ensure_mask_token(model, tokenizer, mask_token)
@@ -207,7 +209,9 @@ def check_destination(dst, overwrite: bool, src=None) -> Path:
         if not dst.is_dir():
             raise FileExistsError(f"Destination {dst} exists and is not a directory.")
         if any(dst.iterdir()) and not overwrite:
-            raise FileExistsError(f"Destination {dst} is not empty; pass overwrite=True (CLI: --overwrite) to replace it.")
+            raise FileExistsError(
+                f"Destination {dst} is not empty; pass overwrite=True (CLI: --overwrite) to replace it."
+            )
     return dst
 
 
@@ -273,7 +277,9 @@ def probe_logits(model, probe) -> torch.Tensor:
     return model(**{k: v.to(model.device) for k, v in probe.items()}).logits.float().cpu()
 
 
-def validate_checkpoint(directory, probe: dict, reference: torch.Tensor, device: str = "cpu", atol: float = 1e-4) -> dict:
+def validate_checkpoint(
+    directory, probe: dict, reference: torch.Tensor, device: str = "cpu", atol: float = 1e-4
+) -> dict:
     """Load ``directory`` in a fresh process through ``trust_remote_code`` with hf_blockdiff not importable, and
     compare its block-size-1 logits on ``probe`` with ``reference`` (over the reference's vocabulary)."""
     import json

@@ -84,4 +84,7 @@ class BlockGrowthCallback(TrainerCallback, ExportableState):
         self.apply(state.global_step, model)
 
     def state(self) -> dict:
-        return {"args": dict(self.schedule), "attributes": {"block_size": self.block_size, "transitions": self.transitions}}
+        return {
+            "args": dict(self.schedule),
+            "attributes": {"block_size": self.block_size, "transitions": self.transitions},
+        }

@@ -35,7 +35,13 @@ DEFAULT_THRESHOLD = 0.9
 # generate() kwargs (and generation_config attributes) that belong to block diffusion
 BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard")
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
-UNSUPPORTED = ("inputs_embeds", "logits_processor", "assistant_model", "prefix_allowed_tokens_fn", "negative_prompt_ids")
+UNSUPPORTED = (
+    "inputs_embeds",
+    "logits_processor",
+    "assistant_model",
+    "prefix_allowed_tokens_fn",
+    "negative_prompt_ids",
+)
 
 
 @dataclass
@@ -130,7 +136,9 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
             f"Nothing to generate: max_length={gc.max_length} leaves no room after a {prompt_length}-token prompt; "
             "set max_new_tokens."
         )
-    min_new_tokens = gc.min_new_tokens if gc.min_new_tokens is not None else max(0, (gc.min_length or 0) - prompt_length)
+    min_new_tokens = (
+        gc.min_new_tokens if gc.min_new_tokens is not None else max(0, (gc.min_length or 0) - prompt_length)
+    )
 
     eos = gc.eos_token_id if gc.eos_token_id is not None else model.config.eos_token_id
     eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -233,12 +241,16 @@ def select_commits(conf: torch.Tensor, open_: torch.Tensor, threshold: float | N
     step with its neighbour known; the quota commits keep every step making progress."""
     ranked = torch.where(open_, conf, -math.inf)
     order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     commit = open_ & (rank < quota.unsqueeze(1))
     if threshold is not None:
         extra = open_ & (conf > threshold)
         if proposal is not None:
-            same_left = (proposal[:, 1:] == proposal[:, :-1]) & open_[:, :-1]  # for positions 1.., neighbour on the left
+            same_left = (proposal[:, 1:] == proposal[:, :-1]) & open_[
+                :, :-1
+            ]  # for positions 1.., neighbour on the left
             same_right = (proposal[:, :-1] == proposal[:, 1:]) & open_[:, 1:]  # for positions ..-1, on the right
             extra[:, 1:] &= ~same_left
             extra[:, :-1] &= ~same_right
@@ -301,7 +313,9 @@ class _Rows:
 
     def prefill(self, input_ids):
         """Causal forward over the prompt into the cache; the last logits give block 0's first token."""
-        return self._forward(slice(None), input_ids, self.key_valid.long(), self.key_pos, self.cache, logits_to_keep=1)[:, -1]
+        return self._forward(
+            slice(None), input_ids, self.key_valid.long(), self.key_pos, self.cache, logits_to_keep=1
+        )[:, -1]
 
     def denoise(self, rows, block):
         """Logits of ``block`` (for ``rows``) run against the cache without writing to it."""
@@ -324,7 +338,10 @@ class _Rows:
         """Drop the other rows (ended ones) from the batch and the cache."""
         self.cache = select_cache_rows(self.cache, keep)
         self.index, self.key_valid, self.key_pos, self.next_pos = (
-            self.index[keep], self.key_valid[keep], self.key_pos[keep], self.next_pos[keep]
+            self.index[keep],
+            self.key_valid[keep],
+            self.key_pos[keep],
+            self.next_pos[keep],
         )
 
 

@@ -13,7 +13,14 @@ logger = logging.get_logger(__name__)
 
 TEMPLATE_PATH = Path(__file__).with_name("MODEL_CARD_TEMPLATE.md")
 CARD_INFO_FILE = "blockdiff_card.json"  # what the card was rendered from, so a later push or training can re-render
-REQUIRED_FILES = ("config.json", "generation_config.json", "README.md", "modeling_blockdiff.py", "masks.py", "denoise.py")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    "modeling_blockdiff.py",
+    "masks.py",
+    "denoise.py",
+)
 
 
 def render_model_card(
@@ -42,7 +49,8 @@ def render_model_card(
         architecture=architecture,
         block_size=getattr(config, "block_size", 1),
         threshold=0.9,
-        conversion=conversion or {"block_size": getattr(config, "block_size", 1), "mask_token_id": config.mask_token_id},
+        conversion=conversion
+        or {"block_size": getattr(config, "block_size", 1), "mask_token_id": config.mask_token_id},
         training=training,
     )
 
@@ -130,8 +138,17 @@ def _is_offline_error(error: BaseException) -> bool:
 
     names = {type(e).__name__ for e in _chain(error)}
     return isinstance(error, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) or bool(
-        names & {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError", "OfflineModeIsEnabled",
-                 "MaxRetryError", "ReadTimeout", "LocalEntryNotFoundError"}  # fmt: skip
+        names
+        & {
+            "ConnectError",
+            "ConnectTimeout",
+            "ConnectionError",
+            "NameResolutionError",
+            "OfflineModeIsEnabled",
+            "MaxRetryError",
+            "ReadTimeout",
+            "LocalEntryNotFoundError",
+        }  # fmt: skip
     )
 
 

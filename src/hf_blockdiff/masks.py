@@ -85,7 +85,7 @@ class TokenMeta:
     position: torch.Tensor
     valid: torch.Tensor
 
-    def padded_to(self, length: int) -> "TokenMeta":
+    def padded_to(self, length: int) -> TokenMeta:
         """Pad with invalid clean tokens, so that kernels reading past the end stay in bounds."""
         extra = length - self.stream.shape[1]
         if extra <= 0:
@@ -199,7 +199,9 @@ def positions_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def training_meta(blocks: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> TokenMeta:
+def training_meta(
+    blocks: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, copies: int
+) -> TokenMeta:
     """Metadata of the training layout ``[x_t^1; ..; x_t^S; x]``: S noisy copies, then the clean sequence."""
     batch, length = blocks.shape
     stream = torch.arange(copies + 1, device=blocks.device)
@@ -212,7 +214,9 @@ def training_meta(blocks: torch.Tensor, positions: torch.Tensor, attention_mask:
     )
 
 
-def denoise_meta(prefix_positions: torch.Tensor, prefix_valid: torch.Tensor, block_positions: torch.Tensor) -> TokenMeta:
+def denoise_meta(
+    prefix_positions: torch.Tensor, prefix_valid: torch.Tensor, block_positions: torch.Tensor
+) -> TokenMeta:
     """Metadata of one denoising step: a noisy block against the cached clean prefix ``[prefix; block]``."""
     batch, size = block_positions.shape
     prefix_len = prefix_positions.shape[1]
@@ -220,7 +224,9 @@ def denoise_meta(prefix_positions: torch.Tensor, prefix_valid: torch.Tensor, blo
     stream = torch.cat(
         [torch.full((prefix_len,), CLEAN, device=device), torch.zeros(size, dtype=torch.long, device=device)]
     )
-    block = torch.cat([torch.full((prefix_len,), -1, device=device), torch.zeros(size, dtype=torch.long, device=device)])
+    block = torch.cat(
+        [torch.full((prefix_len,), -1, device=device), torch.zeros(size, dtype=torch.long, device=device)]
+    )
     return TokenMeta(
         stream=stream.unsqueeze(0).expand(batch, -1),
         block=block.unsqueeze(0).expand(batch, -1),

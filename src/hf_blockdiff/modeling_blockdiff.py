@@ -205,7 +205,9 @@ class BlockDiffusionMixin:
 
         num_diff = diff_targets.numel()
         nll, certainty, correct = self._token_nll(
-            torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]), num_diff if certainty_weight else 0
+            torch.cat([diff_hidden, ar_hidden]),
+            torch.cat([diff_targets, ar_targets]),
+            num_diff if certainty_weight else 0,
         )
         diff_nll, ar_nll = nll[:num_diff], nll[num_diff:]
         if weights is not None:
@@ -249,8 +251,13 @@ class BlockDiffusionMixin:
         if rows <= LOSS_CHUNK_ROWS or not torch.is_grad_enabled():
             return chunk(hidden, targets, certainty_rows)
         parts = [
-            checkpoint(chunk, hidden[i : i + LOSS_CHUNK_ROWS], targets[i : i + LOSS_CHUNK_ROWS],
-                       min(max(certainty_rows - i, 0), LOSS_CHUNK_ROWS), use_reentrant=False)  # fmt: skip
+            checkpoint(
+                chunk,
+                hidden[i : i + LOSS_CHUNK_ROWS],
+                targets[i : i + LOSS_CHUNK_ROWS],
+                min(max(certainty_rows - i, 0), LOSS_CHUNK_ROWS),
+                use_reentrant=False,
+            )  # fmt: skip
             for i in range(0, rows, LOSS_CHUNK_ROWS)
         ]
         return tuple(torch.cat(column) for column in zip(*parts))

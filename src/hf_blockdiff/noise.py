@@ -33,7 +33,9 @@ class NoisyBatch:
 class NoiseSampler:
     """Draws ``x_t`` for a batch; see the module docstring. Uses ``generator`` or torch's global RNG."""
 
-    def __init__(self, mask_token_id: int, eps: float = 1e-3, complementary: bool = False, elbo_weighting: bool = False):
+    def __init__(
+        self, mask_token_id: int, eps: float = 1e-3, complementary: bool = False, elbo_weighting: bool = False
+    ):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"noise eps must be in [0, 1), got {eps}.")
         self.mask_token_id = mask_token_id
@@ -52,7 +54,9 @@ class NoiseSampler:
         batch = input_ids.shape[0]
         num_blocks = int(blocks.max().clamp(min=0)) + 1
         high = 1.0 - self.eps if self.complementary else 1.0  # the complementary copy has level 1 - t
-        t_blocks = self.eps + (high - self.eps) * torch.rand(batch, num_blocks, device=input_ids.device, generator=generator)
+        t_blocks = self.eps + (high - self.eps) * torch.rand(
+            batch, num_blocks, device=input_ids.device, generator=generator
+        )
         t = torch.where(blocks >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)
         masked = maskable & (torch.rand(t.shape, device=t.device, generator=generator) < t)
 

@@ -48,11 +48,15 @@ class BlockDiffusionConfig(SFTConfig):
         metadata={"help": "Steps between growths. Default: evenly spaced, so every size gets the same share."},
     )
     certainty_loss_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the certainty-forcing term (entropy at correctly predicted masked "
-                                       "positions; dParallel). 0 = off."}  # fmt: skip
+        default=0.0,
+        metadata={
+            "help": "Weight of the certainty-forcing term (entropy at correctly predicted masked "
+            "positions; dParallel). 0 = off."
+        },  # fmt: skip
     )
     self_distillation: bool = field(
-        default=False, metadata={"help": "Replace the targets by the model's own AR decoding of the dataset's prompts."}
+        default=False,
+        metadata={"help": "Replace the targets by the model's own AR decoding of the dataset's prompts."},
     )
     distillation_max_new_tokens: int = field(default=256, metadata={"help": "Self-distillation: tokens per target."})
     distillation_temperature: float = field(default=0.0, metadata={"help": "Self-distillation: 0 = greedy."})
@@ -111,7 +115,11 @@ class BlockDiffusionTrainer(SFTTrainer):
 
         if args.block_growth:
             growth = BlockGrowthCallback(
-                args.block_size, args.growth_start, args.growth_ratio, args.growth_warmup_steps, args.growth_interval_steps
+                args.block_size,
+                args.growth_start,
+                args.growth_ratio,
+                args.growth_warmup_steps,
+                args.growth_interval_steps,
             )
             growth.apply(0, model)
             callbacks = list(callbacks or []) + [growth]
@@ -185,7 +193,9 @@ class BlockDiffusionTrainer(SFTTrainer):
             "peft": type(self.model.peft_config["default"]).__name__ if hasattr(self.model, "peft_config") else "none (full)",
         }  # fmt: skip
         if self.block_growth is not None:
-            summary["block growth"] = " -> ".join(f"{size} @ step {step}" for step, size in self.block_growth.transitions)
+            summary["block growth"] = " -> ".join(
+                f"{size} @ step {step}" for step, size in self.block_growth.transitions
+            )
         for key in ("diffusion_loss", "ar_loss", "loss"):
             values = [entry[key] for entry in self.state.log_history if key in entry]
             if values:
@@ -264,5 +274,7 @@ def _train_mask_row(model, peft_config, mask_token_id: int):
     if mask_token_id not in indices[name]:
         indices[name].append(mask_token_id)
     peft_config.trainable_token_indices = indices
-    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and hasattr(peft_config, "ensure_weight_tying"):
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and hasattr(
+        peft_config, "ensure_weight_tying"
+    ):
         peft_config.ensure_weight_tying = True
