@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "BlockDiffusionMixin": "modeling_blockdiff",
     "BlockDiffusionOutput": "modeling_blockdiff",
-    "BLOCK_DIFFUSION_CLASSES": "modeling_blockdiff",
+    "SUPPORTED_MODEL_TYPES": "modeling_blockdiff",
     "block_diffusion_class": "modeling_blockdiff",
     "BlockDiffusionGenerateOutput": "denoise",
     "convert_model": "convert",

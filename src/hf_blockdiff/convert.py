@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .denoise import DEFAULT_THRESHOLD
 from .masks import attention_backend
-from .modeling_blockdiff import BLOCK_DIFFUSION_CLASSES, block_diffusion_class
+from .modeling_blockdiff import SUPPORTED_MODEL_TYPES, block_diffusion_class
 
 logger = logging.get_logger(__name__)
 
@@ -416,7 +416,7 @@ def _base_model_name(src, gguf_file) -> str | None:
 
 
 __all__ = [
-    "BLOCK_DIFFUSION_CLASSES",
+    "SUPPORTED_MODEL_TYPES",
     "convert_model",
     "convert_checkpoint",
     "load_source",

@@ -97,16 +97,17 @@ class TokenMeta:
         return TokenMeta(pad(self.stream, CLEAN), pad(self.block, 0), pad(self.position, 0), pad(self.valid, False))
 
 
-def context_causal_rule(meta: TokenMeta, q_offset: int, window: int | None):
+def context_causal_rule(meta: TokenMeta, q_offset, window: int | None):
     """The mask rule as ``rule(batch, head, q, kv) -> bool``; queries are keys ``q_offset ..`` of the sequence.
 
-    Written with tensor ops only, so the same function is evaluated densely (broadcast index tensors) and as a
-    flex-attention ``mask_mod`` (scalar index tensors).
+    ``q_offset`` is an int, or a ``(batch,)`` tensor when each row's queries start elsewhere (the decode engine's
+    per-row cache positions). Written with tensor ops only, so the same function is evaluated densely (broadcast
+    index tensors) and as a flex-attention ``mask_mod`` (scalar index tensors).
     """
     stream, block, position, valid = meta.stream, meta.block, meta.position, meta.valid
 
     def rule(b, h, q, kv):
-        qa = q + q_offset
+        qa = q + (q_offset[b] if isinstance(q_offset, torch.Tensor) else q_offset)
         q_stream, k_stream = stream[b, qa], stream[b, kv]
         q_block, k_block = block[b, qa], block[b, kv]
         k_clean = k_stream == CLEAN
@@ -232,4 +233,23 @@ def denoise_meta(
         block=block.unsqueeze(0).expand(batch, -1),
         position=torch.cat([prefix_positions, block_positions], dim=1),
         valid=torch.cat([prefix_valid.bool(), torch.ones(batch, size, dtype=torch.bool, device=device)], dim=1),
+    )
+
+
+def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Tensor, slots: int) -> TokenMeta:
+    """Metadata of a decode-engine cache of ``slots`` positions (slot index = position id), for one step.
+
+    Per row: ``length`` committed tokens (clean context), then the active block of ``block_len`` tokens at slots
+    ``length ..``; the block is a noisy block (bidirectional) unless ``causal`` (its commit forward). Every other
+    slot (stale provisional keys, positions after an EOS inside the block) is invalid.
+    """
+    slot = torch.arange(slots, device=length.device).unsqueeze(0)
+    start, end = length.unsqueeze(1), (length + block_len).unsqueeze(1)
+    in_block = (slot >= start) & (slot < end)
+    noisy = in_block & ~causal.unsqueeze(1)
+    return TokenMeta(
+        stream=torch.where(noisy, 0, CLEAN),
+        block=torch.where(slot < start, -1, 0),
+        position=slot.expand(length.shape[0], -1),
+        valid=(slot < end),
     )

@@ -10,28 +10,23 @@ the weights (``auto_map`` points here), so a converted checkpoint loads with ``t
   DESIGN.md 2.3 in one forward and returns ``loss``, ``diffusion_loss`` and ``ar_loss``.
 - ``model.generate(...)`` decodes block by block (see ``denoise.py``).
 
-Adding an architecture: a thin subclass decorated with ``@register(model_type)``; pass ``per_layer_type=True``
-when its base model takes one mask per layer type (``config.layer_types``). The conformance tests then say
-whether it really honours the mask.
+Adding an architecture: one line in ``ARCHITECTURES`` (its modeling module, its stock class, and whether its base
+model takes one mask per layer type). Classes are built on first use, so only the loaded architecture's modeling
+module is ever imported. The conformance tests then say whether it really honours the mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.gemma2.modeling_gemma2 import Gemma2ForCausalLM
-from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
-from transformers.models.mistral.modeling_mistral import MistralForCausalLM
-from transformers.models.olmo2.modeling_olmo2 import Olmo2ForCausalLM
-from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
-from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
+from .compat import cache_argument, pop_cache
 from .denoise import generate_blocks
 from .masks import IGNORE_INDEX, block_grid, positions_from_padding, render_masks, training_meta
 
@@ -103,7 +98,6 @@ class BlockDiffusionMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         *,
@@ -134,17 +128,20 @@ class BlockDiffusionMixin:
             mean entropy of the predictions at masked positions the model already gets right. Pushing it down
             makes the model confident where it is correct, which is what lets it commit several tokens at once.
         """
+        cache = pop_cache(kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
         if noisy_input_ids is None:
-            return super().forward(
+            stock_forward = super().forward
+            if cache is not None:
+                kwargs[cache_argument(stock_forward.__func__)] = cache
+            return stock_forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 **kwargs,
             )
-        if inputs_embeds is not None or past_key_values is not None:
+        if inputs_embeds is not None or cache is not None:
             raise ValueError("The two-stream training forward takes `input_ids`, not `inputs_embeds` or a cache.")
         for ignored in ("num_items_in_batch", "use_cache", "logits_to_keep"):  # losses are per-forward means
             kwargs.pop(ignored, None)
@@ -279,66 +276,64 @@ class BlockDiffusionMixin:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Registry: model_type -> block-diffusion class
-
-BLOCK_DIFFUSION_CLASSES: dict[str, type] = {}
-
-
-def register(model_type: str, per_layer_type: bool = False):
-    def add(cls):
-        cls._mask_per_layer_type = per_layer_type
-        BLOCK_DIFFUSION_CLASSES[model_type] = cls
-        return cls
-
-    return add
+# Registry: model_type -> block-diffusion class, built on first use
+#
+# Each architecture's modeling module is imported only when a model of that type is built, so a checkpoint keeps
+# loading when an unrelated architecture's module moves or disappears in a later transformers release.
 
 
-def block_diffusion_class(config) -> type:
-    """The block-diffusion class for a config, or an error that names the supported architectures."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in BLOCK_DIFFUSION_CLASSES:
+@dataclass(frozen=True)
+class Architecture:
+    module: str  # transformers.models.<module>.modeling_<module>
+    stock_class: str  # the stock XxxForCausalLM
+    per_layer_type: bool = False  # the base model takes `{layer_type: mask}` (config.layer_types)
+
+    @property
+    def class_name(self) -> str:
+        return f"BlockDiffusion{self.stock_class}"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "LlamaForCausalLM"),
+    "mistral": Architecture("mistral", "MistralForCausalLM"),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", per_layer_type=True),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", per_layer_type=True),
+    "gemma2": Architecture("gemma2", "Gemma2ForCausalLM", per_layer_type=True),
+    "gemma3_text": Architecture("gemma3", "Gemma3ForCausalLM", per_layer_type=True),
+    "phi3": Architecture("phi3", "Phi3ForCausalLM"),
+    "olmo2": Architecture("olmo2", "Olmo2ForCausalLM"),
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
+
+
+def _build_class(arch: Architecture) -> type:
+    module = importlib.import_module(f"transformers.models.{arch.module}.modeling_{arch.module}")
+    stock = getattr(module, arch.stock_class)
+    # `__module__` makes save_pretrained copy this file (and its relative imports) next to the weights, and lets
+    # `auto_map` resolve the class by name through this module's `__getattr__`.
+    cls = type(arch.class_name, (BlockDiffusionMixin, stock), {"__module__": __name__, "__qualname__": arch.class_name})
+    cls._mask_per_layer_type = arch.per_layer_type
+    return cls
+
+
+def block_diffusion_class(config_or_model_type) -> type:
+    """The block-diffusion class for a config (or a ``model_type``), or an error naming the supported ones."""
+    model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
+    if model_type not in ARCHITECTURES:
         raise ValueError(
             f"Architecture {model_type!r} is not supported by hf_blockdiff. Supported model types: "
-            f"{', '.join(sorted(BLOCK_DIFFUSION_CLASSES))}."
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
         )
-    return BLOCK_DIFFUSION_CLASSES[model_type]
+    arch = ARCHITECTURES[model_type]
+    cls = globals().get(arch.class_name)
+    if cls is None:
+        cls = globals()[arch.class_name] = _build_class(arch)
+    return cls
 
 
-@register("llama")
-class BlockDiffusionLlamaForCausalLM(BlockDiffusionMixin, LlamaForCausalLM):
-    pass
-
-
-@register("mistral")
-class BlockDiffusionMistralForCausalLM(BlockDiffusionMixin, MistralForCausalLM):
-    pass
-
-
-@register("qwen2", per_layer_type=True)
-class BlockDiffusionQwen2ForCausalLM(BlockDiffusionMixin, Qwen2ForCausalLM):
-    pass
-
-
-@register("qwen3", per_layer_type=True)
-class BlockDiffusionQwen3ForCausalLM(BlockDiffusionMixin, Qwen3ForCausalLM):
-    pass
-
-
-@register("gemma2", per_layer_type=True)
-class BlockDiffusionGemma2ForCausalLM(BlockDiffusionMixin, Gemma2ForCausalLM):
-    pass
-
-
-@register("gemma3_text", per_layer_type=True)
-class BlockDiffusionGemma3ForCausalLM(BlockDiffusionMixin, Gemma3ForCausalLM):
-    pass
-
-
-@register("phi3")
-class BlockDiffusionPhi3ForCausalLM(BlockDiffusionMixin, Phi3ForCausalLM):
-    pass
-
-
-@register("olmo2")
-class BlockDiffusionOlmo2ForCausalLM(BlockDiffusionMixin, Olmo2ForCausalLM):
-    pass
+def __getattr__(name: str):
+    # `auto_map` names e.g. `modeling_blockdiff.BlockDiffusionLlamaForCausalLM`: build that class on request.
+    for model_type, arch in ARCHITECTURES.items():
+        if arch.class_name == name:
+            return block_diffusion_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

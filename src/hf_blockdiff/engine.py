@@ -1,0 +1,372 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""The decode engine: block-wise denoising on a static KV cache, one fixed-shape step for every forward.
+
+Hub-portable: imports only torch, transformers and its sibling files.
+
+- :class:`SlotCache` preallocates keys and values for ``rows`` slots of ``length`` positions; a slot's position
+  ``p`` lives at index ``p``. Every forward writes its tokens in place at their own positions: no copies, and
+  rows need not be aligned. A denoising step writes its block's provisional keys and values too; the
+  context-causal mask keeps every committed token from seeing them, and the block's commit overwrites them.
+- :meth:`DecodeEngine.step` runs one forward of shape ``[rows, block_size]`` in which each row takes its own
+  next action: a denoising step of its block, or the causal commit of its finished block (its last logit gives
+  the next block's first token). The action is an input of the mask, so one CUDA graph per
+  ``(rows, block_size)`` serves both; elsewhere the same code runs eagerly.
+- Rows advance independently: a row whose block is done commits while others still denoise, and a row that
+  ended idles (or takes a new request, see :meth:`DecodeEngine.add`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.utils import logging
+
+from .compat import cache_argument
+from .masks import attention_backend, decode_meta
+from .policies import CommitRule, Sampling, propose
+
+logger = logging.get_logger(__name__)
+
+IDLE, DENOISE, COMMIT = 0, 1, 2
+
+
+class SlotCache(Cache):
+    """Static KV cache with per-row write positions (see the module docstring).
+
+    Before each forward the engine sets ``write_index`` (``(n, q)``: the position of every input token) and
+    ``rows`` (None for all slots, or the ``(n,)`` slots a smaller forward covers). Buffers are allocated on the
+    first write, from the shapes the attention layers hand over.
+    """
+
+    def __init__(self, rows: int, length: int):
+        super().__init__(layers=[])
+        self.num_rows, self.length = rows, length
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.write_index: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly; nothing may derive them from the cache
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.keys):
+            heads, dim = key_states.shape[1], key_states.shape[3]
+            shape = (self.num_rows, heads, self.length, dim)
+            self.keys.append(key_states.new_zeros(shape))
+            self.values.append(value_states.new_zeros(shape))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is None:
+            index = self.write_index[:, None, :, None].expand_as(key_states)
+            keys.scatter_(2, index, key_states)
+            values.scatter_(2, index, value_states)
+            return keys, values
+        rows, index = self.rows.unsqueeze(1), self.write_index
+        keys[rows, :, index] = key_states.transpose(1, 2)
+        values[rows, :, index] = value_states.transpose(1, 2)
+        return keys[self.rows], values[self.rows]
+
+
+@dataclass
+class Slot:
+    """Host-side bookkeeping of one slot (what the engine needs without reading the GPU)."""
+
+    request: object = None  # whatever the caller attached (generate(): the batch row; serve: the request)
+    generator: torch.Generator | None = None  # the row's sampling noise (None: the global generator)
+    do_sample: bool = False
+    busy: bool = False
+    tokens: list[int] = field(default_factory=list)  # committed so far (blocks are appended when complete)
+
+
+class DecodeEngine:
+    """Decode many sequences at once, each at its own pace, on one static cache.
+
+    Args:
+        model: a block-diffusion model (``BlockDiffusionMixin``).
+        rows: number of slots (the batch the step is shaped for).
+        max_length: positions per slot (prompt + generated).
+        block_size: the step's block width; a request may use any block size up to it.
+        rule: the :class:`~policies.CommitRule`; its per-row tensors have ``rows`` entries.
+        sampling: per-row :class:`~policies.Sampling` settings. The caller owns the tensors of ``rule`` and
+            ``sampling`` and may set a slot's entries before :meth:`add` puts a request there.
+        confidence: 'probability' | 'margin' | 'entropy'.
+        eos_token_ids, pad_token_id: the stop tokens; padding fills a block after its EOS.
+        use_cuda_graph: capture the step on CUDA (falls back to eager, with the reason logged, if capture fails).
+    """
+
+    def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
+                 confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
+                 use_cuda_graph: bool | None = None):  # fmt: skip
+        self.model, self.rows, self.block_size = model, rows, block_size
+        self.rule, self.sampling, self.measure = rule, sampling, confidence
+        self.mask_token_id = getattr(model.config, "mask_token_id", None)
+        if block_size > 1 and self.mask_token_id is None:
+            raise ValueError(
+                "config.mask_token_id is missing, so masked positions cannot be denoised. Convert the model with "
+                "`hf_blockdiff.convert_model` / `hf_blockdiff convert`, or generate with block_size=1."
+            )
+        self.pad_token_id = pad_token_id
+        device = model.device
+        self.device = device
+        self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+        # Positions of a block that are not in use (past its end or its EOS) still write at their own positions,
+        # so a slot has room for a whole block past ``max_length``; those keys are never valid.
+        self.max_length = max_length
+        self.slots_per_row = max_length + block_size
+        self.cache = SlotCache(rows, self.slots_per_row)
+        self.cache_arg = cache_argument(type(model.model).forward)
+        long = dict(dtype=torch.long, device=device)
+        # Per-row state: all updated in place, so a captured graph that reads it stays valid.
+        self.block = torch.full((rows, block_size), pad_token_id, **long)  # the active block's tokens
+        self.filled = torch.zeros(rows, block_size, dtype=torch.bool, device=device)
+        self.length = torch.zeros(rows, **long)  # committed tokens in the cache = the block's first position
+        self.block_len = torch.zeros(rows, **long)  # positions of the block in use (0 = idle)
+        self.phase = torch.zeros(rows, **long)  # IDLE / DENOISE / COMMIT
+        self.row_block_size = torch.ones(rows, **long)
+        self.generated = torch.zeros(rows, **long)  # tokens of earlier blocks
+        self.max_new = torch.zeros(rows, **long)
+        self.min_new = torch.zeros(rows, **long)
+        self.steps = torch.zeros(rows, **long)  # denoising steps spent on the active block
+        self.forwards = torch.zeros(rows, **long)  # forwards each row took part in
+        self.committed_at = torch.zeros(rows, block_size, **long)  # the row's forward that committed a position
+        self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.num_forwards = 0
+        self.slots = [Slot() for _ in range(rows)]
+        self._graph = None
+        self._use_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        self._index = torch.arange(block_size, device=device)
+
+    # -- the forward ---------------------------------------------------------------------------------------
+    def _forward(self, ids, length, block_len, causal, rows=None):
+        """Logits of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule."""
+        q = ids.shape[1]
+        positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
+        self.cache.write_index, self.cache.rows = positions, rows
+        meta = decode_meta(length, block_len, causal, self.slots_per_row)
+        masks = self.model.block_diffusion_masks(meta, length, q)
+        hidden = self.model.model(
+            input_ids=ids,
+            attention_mask=masks,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+        ).last_hidden_state
+        return hidden
+
+    def _step_logits(self):
+        hidden = self._forward(self.block, self.length, self.block_len, self.phase == COMMIT)
+        return self.model.logits_from_hidden(hidden)
+
+    def _run_step(self) -> torch.Tensor:
+        if self._use_graph and self._graph is None:
+            self._capture()
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_logits
+        return self._step_logits()
+
+    def _capture(self):
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: lazy initialisation must not happen during capture
+                    self._step_logits()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._graph_logits = self._step_logits()
+            self._graph = graph
+        except Exception as error:  # capture is an optimisation: never a reason to fail or differ
+            logger.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly.")
+            self._use_graph, self._graph = False, None
+            torch.cuda.synchronize()
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def free_slots(self) -> list[int]:
+        return [i for i, slot in enumerate(self.slots) if not slot.busy]
+
+    def add(self, prompts: list[list[int]], slots: list[int], max_new_tokens, min_new_tokens=None, block_sizes=None,
+            requests=None, generators=None):  # fmt: skip
+        """Prefill ``prompts`` into free ``slots`` (one causal forward) and start their first blocks.
+
+        Per-request lists (or one value for all): ``max_new_tokens``, ``min_new_tokens``, ``block_sizes`` (at most
+        the engine's), ``requests`` (anything, kept on the slot), ``generators``. Returns the completed-block
+        events of :meth:`step` (a first block of one token is complete at once).
+        """
+        n = len(prompts)
+        as_list = lambda v, d: [d] * n if v is None else (list(v) if isinstance(v, (list, tuple)) else [v] * n)  # noqa: E731
+        max_new, min_new = as_list(max_new_tokens, 1), as_list(min_new_tokens, 0)
+        block_sizes, requests, generators = (as_list(block_sizes, self.block_size), as_list(requests, None),
+                                             as_list(generators, None))  # fmt: skip
+        longest = max(len(p) for p in prompts)
+        for prompt, budget, size in zip(prompts, max_new, block_sizes):
+            if not prompt:
+                raise ValueError("Every prompt needs at least one token.")
+            if len(prompt) + budget > self.max_length:
+                raise ValueError(f"A {len(prompt)}-token prompt plus {budget} new tokens exceeds {self.max_length}.")
+            if not 1 <= size <= self.block_size:
+                raise ValueError(f"block_size {size} must be between 1 and the engine's {self.block_size}.")
+        dev = self.device
+        rows = torch.tensor(slots, dtype=torch.long, device=dev)
+        ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long, device=dev)
+        for i, prompt in enumerate(prompts):  # right padding: slot position = token position
+            ids[i, : len(prompt)] = torch.tensor(prompt, device=dev)
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        zero = torch.zeros(n, dtype=torch.long, device=dev)
+        hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows)
+        last = self.model.logits_from_hidden(hidden[torch.arange(n, device=dev), lengths - 1]).unsqueeze(1)
+        self.num_forwards += 1
+
+        do_sample = self.sampling.do_sample[rows].tolist()
+        for i, slot in enumerate(slots):
+            self.slots[slot] = Slot(request=requests[i], generator=generators[i], do_sample=do_sample[i], busy=True)
+        self.length[rows] = lengths
+        self.generated[rows] = 0
+        self.max_new[rows] = torch.tensor(max_new, device=dev)
+        self.min_new[rows] = torch.tensor(min_new, device=dev)
+        self.row_block_size[rows] = torch.tensor(block_sizes, device=dev)
+        self.forwards[rows] = 1
+        self.ended[rows] = False
+        noise = self._noise(slots, 1, last.shape[-1])
+        sampling = Sampling(*(t[rows] for t in (self.sampling.do_sample, self.sampling.temperature,
+                                                self.sampling.top_k, self.sampling.top_p)))  # fmt: skip
+        first, _ = propose(last, sampling, self.measure, self.mask_token_id, self.eos,
+                           (self.min_new[rows] > 0).unsqueeze(1), noise)  # fmt: skip
+        self._start_block(rows, first[:, 0])
+        return self._completed_after_start(rows)
+
+    def _noise(self, slots: list[int], positions: int, vocab: int):
+        """``Exp(1)`` draws, ``(len(slots), positions, vocab)``, from each sampling slot's own generator (one draw
+        of that shape per forward it takes part in, so a row's noise does not depend on its neighbours); None
+        when no slot samples."""
+        drawing = [i for i, s in enumerate(slots) if self.slots[s].do_sample and self.slots[s].busy]
+        if not drawing:
+            return None
+        noise = torch.ones(len(slots), positions, vocab, device=self.device)
+        for i in drawing:
+            noise[i].exponential_(generator=self.slots[slots[i]].generator)
+        return noise
+
+    def _start_block(self, rows, first):
+        """Start a block at each row's ``length``: ``[first, MASK, ...]`` (or finish rows that have no room)."""
+        left = self.max_new[rows] - self.generated[rows]
+        size = torch.minimum(self.row_block_size[rows], left)
+        block = torch.full((rows.numel(), self.block_size), self.pad_token_id, dtype=torch.long, device=self.device)
+        if self.mask_token_id is not None:
+            block.masked_fill_(self._index < size.unsqueeze(1), self.mask_token_id)
+        block[:, 0] = first
+        self.block[rows] = block
+        filled = self._index >= size.unsqueeze(1)  # unused positions count as filled
+        filled[:, 0] = True
+        self.filled[rows] = filled
+        self.block_len[rows] = size
+        self.steps[rows] = 0
+        self.committed_at[rows] = torch.where(self._index == 0, self.forwards[rows].unsqueeze(1), -1)
+        self.phase[rows] = DENOISE
+        self._close_after_eos()
+
+    def _close_after_eos(self):
+        """Positions after a committed EOS are padding: they leave the block (and are no keys for the rest)."""
+        if not self.eos.numel():
+            return
+        produced = self.generated.unsqueeze(1) + self._index  # the token index of every block position
+        is_eos = self.filled & torch.isin(self.block, self.eos) & (produced >= self.min_new.unsqueeze(1))
+        is_eos &= self._index < self.block_len.unsqueeze(1)
+        kept = torch.where(is_eos, self._index + 1, self.block_size).min(dim=1).values
+        hit = is_eos.any(dim=1) & (self.phase == DENOISE)
+        self.block_len.copy_(torch.where(hit, torch.minimum(self.block_len, kept), self.block_len))
+        self.ended |= hit
+        beyond = self._index >= self.block_len.unsqueeze(1)
+        self.block.masked_fill_(beyond & (self.phase == DENOISE).unsqueeze(1), self.pad_token_id)
+        self.filled |= beyond
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def step(self):
+        """One forward for every busy slot. Returns the slots whose block completed in it, with their tokens:
+        ``[(slot, tokens, committed_at, finished)]`` (``finished``: EOS or max_new_tokens; the caller may also
+        :meth:`finish` a slot, e.g. on a stop string)."""
+        active = self.phase != IDLE
+        logits = self._run_step()
+        self.num_forwards += 1
+        self.forwards += active
+        noise = self._noise(list(range(self.rows)), self.block_size, logits.shape[-1])
+        produced = self.generated.unsqueeze(1) + self._index + 1  # token index each logit predicts
+        tokens, conf = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
+                               produced < self.min_new.unsqueeze(1), noise)  # fmt: skip
+        self._proposal = tokens
+
+        # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
+        denoising = self.phase == DENOISE
+        open_ = ~self.filled[:, 1:] & denoising.unsqueeze(1)
+        commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps) & open_
+        self.block[:, 1:] = torch.where(commit, tokens[:, :-1], self.block[:, 1:])
+        self.filled[:, 1:] |= commit
+        self.committed_at[:, 1:] = torch.where(commit, self.forwards.unsqueeze(1), self.committed_at[:, 1:])
+        self.steps += denoising
+        self._close_after_eos()
+
+        # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
+        committing = self.phase == COMMIT
+        last = (self.block_len - 1).clamp(min=0)
+        next_first = tokens.gather(1, last.unsqueeze(1)).squeeze(1)
+
+        # Blocks that completed in this step: a finished row ends, the others commit in the next forward.
+        complete = denoising & self.filled.all(dim=1)
+        out_of_budget = self.generated + self.block_len >= self.max_new
+        finished = complete & (self.ended | out_of_budget)
+        events = self._completed(complete, finished)
+
+        advancing = committing.nonzero().squeeze(1)
+        self.phase.masked_fill_(complete & ~finished, COMMIT)
+        self.phase.masked_fill_(finished, IDLE)
+        if advancing.numel():
+            self.length[advancing] += self.block_len[advancing]
+            self.generated[advancing] += self.block_len[advancing]
+            self._start_block(advancing, next_first[advancing])
+            events += self._completed_after_start(advancing)
+        return events
+
+    def _completed(self, complete, finished):
+        """Host bookkeeping of completed blocks (one device-to-host copy per step)."""
+        flags = torch.stack([complete, finished]).cpu()
+        if not bool(flags[0].any()):
+            return []
+        rows = flags[0].nonzero().squeeze(1).tolist()
+        block, at, size = self.block[rows].cpu(), self.committed_at[rows].cpu(), self.block_len[rows].cpu()
+        events = []
+        for i, r in enumerate(rows):
+            new = block[i, : size[i]].tolist()
+            self.slots[r].tokens += new
+            done = bool(flags[1, r])
+            if done:
+                self.slots[r].busy = False
+            events.append((r, new, at[i, : size[i]].tolist(), done))
+        return events
+
+    def _completed_after_start(self, rows):
+        """A block of one position is complete as soon as it starts (block size 1, or the last token)."""
+        complete = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
+        complete[rows] = self.filled[rows].all(dim=1)
+        out_of_budget = self.generated + self.block_len >= self.max_new
+        finished = complete & (self.ended | out_of_budget)
+        events = self._completed(complete, finished)
+        self.phase.masked_fill_(complete & ~finished, COMMIT)
+        self.phase.masked_fill_(finished, IDLE)
+        return events
+
+    def draft(self, slot: int) -> torch.Tensor:
+        """A slot's active block as the last step saw it: committed tokens, the latest proposal elsewhere."""
+        proposal = torch.cat([self.block[slot, :1], self._proposal[slot, :-1]])
+        return torch.where(self.filled[slot], self.block[slot], proposal)[: int(self.block_len[slot])].unsqueeze(0)
+
+    def finish(self, slot: int):
+        """End a slot now (stop string, stopping criteria, a client that went away): it frees up."""
+        self.phase[slot] = IDLE
+        self.block_len[slot] = 0
+        self.slots[slot].busy = False

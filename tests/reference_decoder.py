@@ -1,0 +1,116 @@
+"""The oracle for the decode engine: one row, no cache, a full forward over everything at every step.
+
+It shares only the token-level pieces with the library (``policies.propose`` and the commit rules, which have
+their own tests); the schedule, the masks, the positions, EOS handling and the accounting are written out here
+from docs/design.md 2.5, as plainly as possible.
+"""
+
+from __future__ import annotations
+
+import torch
+from helpers import DEVICE
+
+from hf_blockdiff.policies import Sampling, propose
+
+
+def _mask(prefix_len: int, block_len: int, causal_block: bool, windows: dict, model):
+    """Causal over the prefix; the block sees the prefix and itself (causally when committing); windows."""
+    n = prefix_len + block_len
+    q = torch.arange(n).view(n, 1)
+    k = torch.arange(n).view(1, n)
+    in_block = (q >= prefix_len) & (k >= prefix_len)
+    base = (k <= q) | (in_block & (not causal_block))
+    masks = {t: (base & ((q - k) < w) if w else base).view(1, 1, n, n).to(DEVICE) for t, w in windows.items()}
+    if model.config._attn_implementation == "eager":
+        masks = {t: torch.where(m, 0.0, torch.finfo(model.dtype).min).to(model.dtype) for t, m in masks.items()}
+    return masks[None] if None in masks else masks
+
+
+def _windows(model) -> dict:
+    cfg = model.config.get_text_config(decoder=True)
+    if model._mask_per_layer_type:
+        return {t: cfg.sliding_window if t == "sliding_attention" else None for t in set(cfg.layer_types)}
+    return {None: getattr(cfg, "sliding_window", None)}
+
+
+def reference_generate(model, prompt: list[int], *, max_new: int, block_size: int, width: int, rule,
+                       sampling: Sampling | None = None, generator=None, eos=(), min_new: int = 0,
+                       measure: str = "probability"):  # fmt: skip
+    """Returns ``(tokens, committed_at, forwards)`` of one row, as the engine should produce them.
+
+    ``width`` is the engine's step width (its largest block size), which fixes the shape of each sampling draw;
+    ``rule`` a commit rule with one-row tensors; ``sampling`` one-row settings (None: greedy).
+    """
+    windows = _windows(model)
+    mask_id = model.config.mask_token_id
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    sampling = sampling or Sampling(torch.tensor([False]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]))
+    sampling = Sampling(*(t.to(DEVICE) for t in (sampling.do_sample, sampling.temperature, sampling.top_k,
+                                                  sampling.top_p)))  # fmt: skip
+    eos_ids = torch.tensor(list(eos), dtype=torch.long, device=DEVICE)
+    forwards = 0
+
+    def run(context: list[int], block: list[int], causal_block: bool, n_out: int, first_index: int):
+        """Tokens and confidences at ``n_out`` positions (padded to ``width``) of one full forward."""
+        nonlocal forwards
+        forwards += 1
+        seq = context + block
+        ids = torch.tensor([seq], device=DEVICE)
+        mask = _mask(len(context), len(block), causal_block, windows, model)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(seq), device=DEVICE)[None]).logits
+        start = len(context) if block else len(seq) - 1  # block position j predicts the token after it
+        picked = logits[:, start : start + n_out]
+        padded = torch.zeros(1, n_out if not block else width, logits.shape[-1], device=DEVICE, dtype=logits.dtype)
+        padded[:, : picked.shape[1]] = picked
+        noise = None
+        if bool(sampling.do_sample[0]):
+            noise = torch.ones_like(padded, dtype=torch.float)
+            noise[0].exponential_(generator=generator)
+        produced = first_index + torch.arange(padded.shape[1], device=DEVICE)
+        tokens, conf = propose(padded, sampling, measure, mask_id, eos_ids, (produced < min_new)[None], noise)
+        return tokens[0].tolist(), conf[0]
+
+    def is_stop(token: int, index: int) -> bool:
+        return token in eos and index >= min_new
+
+    context = list(prompt)
+    generated: list[int] = []
+    committed_at: list[int] = []
+    first = run(context, [], True, 1, 0)[0][0]
+    first_at = forwards
+    while True:
+        size = min(block_size, max_new - len(generated))
+        block = [first] + [mask_id] * (size - 1)
+        at = [first_at] + [-1] * (size - 1)
+        steps = 0
+
+        def ended() -> bool:
+            """Cut the block after its first committed stop token; True if there is one."""
+            for i, token in enumerate(block):
+                if at[i] != -1 and is_stop(token, len(generated) + i):
+                    del block[i + 1 :], at[i + 1 :]
+                    return True
+            return False
+
+        stop = ended()
+        while -1 in at:
+            # position i of the block predicts position i + 1 (the token shift)
+            proposal, conf = run(context, block, False, len(block), len(generated) + 1)
+            open_ = torch.zeros(1, width - 1, dtype=torch.bool, device=DEVICE)
+            for i in range(1, len(block)):
+                open_[0, i - 1] = at[i] == -1
+            prop = torch.tensor([proposal[: width - 1]], device=DEVICE)
+            commit = rule.select(conf[None, : width - 1], prop, open_, torch.tensor([steps], device=DEVICE)) & open_
+            for i in range(1, len(block)):
+                if commit[0, i - 1]:
+                    block[i], at[i] = proposal[i - 1], forwards
+            steps += 1
+            stop = ended()
+        generated += block
+        committed_at += at
+        if stop or len(generated) >= max_new:
+            return generated, committed_at, forwards
+        # the commit: a causal forward over the finished block; its last logit is the next block's first token
+        proposal, _ = run(context, block, True, len(block), len(generated) - len(block) + 1)
+        first, first_at = proposal[len(block) - 1], forwards
+        context += block

@@ -1,0 +1,198 @@
+"""The decode engine against the no-cache reference decoder, row independence, and the static cache's contents."""
+
+import pytest
+import torch
+from helpers import DEVICE, EOS, PAD, converted_pair, padded_batch
+from reference_decoder import reference_generate
+from transformers import DynamicCache
+
+from hf_blockdiff.engine import DecodeEngine
+from hf_blockdiff.policies import FixedSteps, RepeatGuard, Sampling, Threshold
+
+MAX_NEW = 20
+
+
+def pair(arch, block_size):
+    """A converted tiny model in float64 on CPU: the engine and the reference compute the same logits in different
+    orders, and in float32 a near-tie between two masked positions' confidences can flip on that rounding."""
+    _, model, tok = converted_pair(arch, block_size=block_size)
+    return model.to(torch.float64) if DEVICE.type == "cpu" else model
+RARE_STOPS = [EOS, 7, 13]  # common enough in a random model to end some rows inside a block
+
+
+def rule_for(kind: str, value, rows: int):
+    if kind == "threshold":
+        return Threshold(torch.full((rows,), float(value), device=DEVICE))
+    if kind == "steps":
+        return FixedSteps(torch.full((rows,), value, device=DEVICE))
+    return RepeatGuard(Threshold(torch.full((rows,), float(value), device=DEVICE)))
+
+
+def sampling_for(rows: int, do_sample=False, temperature=1.0, top_k=0, top_p=1.0) -> Sampling:
+    full = lambda v: torch.full((rows,), v, device=DEVICE)  # noqa: E731
+    return Sampling(full(do_sample), full(float(temperature)), full(top_k), full(float(top_p)))
+
+
+def run_engine(model, prompts, block_size, rule, sampling, generators=None, eos=(), min_new=0, max_new=MAX_NEW):
+    rows = len(prompts)
+    engine = DecodeEngine(model, rows, max(map(len, prompts)) + max_new, block_size, rule, sampling,
+                          eos_token_ids=eos, pad_token_id=PAD)  # fmt: skip
+    tokens = [[] for _ in range(rows)]
+    at = [[] for _ in range(rows)]
+    events = engine.add(prompts, list(range(rows)), max_new, min_new, generators=generators)
+    while True:
+        for row, new, when, _ in events:
+            tokens[row] += new
+            at[row] += when
+        if not any(s.busy for s in engine.slots):
+            return tokens, at, engine.forwards.tolist(), engine
+        events = engine.step()
+
+
+def prompts_of(lengths, seed):
+    ids, am = padded_batch(lengths, seed=seed)
+    return [ids[r][am[r].bool()].tolist() for r in range(len(lengths))]
+
+
+CASES = [  # (block size, rule kind, rule value)
+    (1, "threshold", 0.9),
+    (4, "threshold", 0.0),
+    (4, "threshold", 0.5),
+    (4, "threshold", 1.0),
+    (16, "threshold", 0.5),
+    (16, "threshold", 1.0),
+    (4, "steps", 2),
+    (16, "steps", 3),
+    (8, "guard", 0.0),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "mistral"])  # the last three: sliding windows
+@pytest.mark.parametrize("block_size,kind,value", CASES)
+def test_engine_equals_reference_decoder(arch, block_size, kind, value):
+    """A left-padded batch whose rows stop at different blocks (stop tokens inside blocks) equals the reference
+    decoder run on each row alone: tokens, the forward that committed each token, and forwards per row."""
+    model = pair(arch, block_size)
+    prompts = prompts_of([7, 3, 5], seed=11)
+    tokens, at, forwards, _ = run_engine(model, prompts, block_size, rule_for(kind, value, 3), sampling_for(3),
+                                         eos=RARE_STOPS, min_new=2)  # fmt: skip
+    for r, prompt in enumerate(prompts):
+        expected = reference_generate(model, prompt, max_new=MAX_NEW, block_size=block_size, width=block_size,
+                                      rule=rule_for(kind, value, 1), eos=RARE_STOPS, min_new=2)  # fmt: skip
+        assert (tokens[r], at[r], forwards[r]) == expected
+
+
+def test_rows_end_at_different_blocks():
+    """The batch of the test above really exercises early stops inside blocks, next to rows that run to the end."""
+    model = pair("llama", 4)
+    tokens, _, _, _ = run_engine(model, prompts_of([7, 3, 5], seed=11), 4, rule_for("threshold", 0.5, 3),
+                                 sampling_for(3), eos=RARE_STOPS, min_new=2)  # fmt: skip
+    lengths = [len(t) for t in tokens]
+    assert min(lengths) < MAX_NEW and max(lengths) == MAX_NEW
+    assert any(n % 4 for n in lengths if n < MAX_NEW)  # an end in the middle of a block
+
+
+@pytest.mark.parametrize("block_size,top_k,top_p", [(4, 0, 1.0), (16, 5, 0.9), (1, 0, 0.8)])
+def test_sampling_equals_reference_and_ignores_the_batch(block_size, top_k, top_p):
+    """Sampling with one seeded generator per row: the engine's draws equal the reference's, and a row's tokens do
+    not depend on the other rows of its batch."""
+    model = pair("qwen2", block_size)
+    prompts = prompts_of([6, 4, 8], seed=3)
+    settings = dict(do_sample=True, temperature=1.3, top_k=top_k, top_p=top_p)
+
+    def gens(seeds):
+        return [torch.Generator(device=DEVICE).manual_seed(s) for s in seeds]
+
+    rule = rule_for("threshold", 0.6, 3)
+    batch, _, _, _ = run_engine(model, prompts, block_size, rule, sampling_for(3, **settings), gens([1, 2, 3]),
+                                eos=[EOS])  # fmt: skip
+    for r, prompt in enumerate(prompts):
+        expected, _, _ = reference_generate(
+            model, prompt, max_new=MAX_NEW, block_size=block_size, width=block_size,
+            rule=rule_for("threshold", 0.6, 1), sampling=sampling_for(1, **settings), generator=gens([r + 1])[0],
+            eos=[EOS],
+        )  # fmt: skip
+        assert batch[r] == expected
+    alone, _, _, _ = run_engine(model, prompts[1:2], block_size, rule_for("threshold", 0.6, 1),
+                                sampling_for(1, **settings), gens([2]), eos=[EOS])  # fmt: skip
+    assert alone[0] == batch[1]
+    other_seed, _, _, _ = run_engine(model, prompts[1:2], block_size, rule_for("threshold", 0.6, 1),
+                                     sampling_for(1, **settings), gens([99]), eos=[EOS])  # fmt: skip
+    assert other_seed[0] != batch[1]
+
+
+def test_rows_with_smaller_block_sizes_share_a_step():
+    """A request may use a block size below the engine's: it decodes exactly as alone at its own block size."""
+    model = pair("llama", 8)
+    prompts = prompts_of([5, 6], seed=2)
+    engine = DecodeEngine(model, 2, 40, 8, rule_for("threshold", 0.5, 2), sampling_for(2), pad_token_id=PAD)
+    tokens = [[], []]
+    events = engine.add(prompts, [0, 1], MAX_NEW, block_sizes=[8, 2])
+    while True:
+        for row, new, _, _ in events:
+            tokens[row] += new
+        if not any(s.busy for s in engine.slots):
+            break
+        events = engine.step()
+    for r, size in enumerate([8, 2]):
+        expected, _, _ = reference_generate(model, prompts[r], max_new=MAX_NEW, block_size=size, width=8,
+                                            rule=rule_for("threshold", 0.5, 1))  # fmt: skip
+        assert tokens[r] == expected
+
+
+def test_committed_cache_equals_a_causal_prefill():
+    """After decoding, every slot's committed positions hold exactly a causal prefill of its tokens."""
+    model = pair("gemma3_text", 4)
+    prompts = prompts_of([7, 4], seed=2)
+    tokens, _, _, engine = run_engine(model, prompts, 4, rule_for("threshold", 0.5, 2), sampling_for(2), max_new=11)
+    for r, prompt in enumerate(prompts):
+        committed = int(engine.length[r])
+        sequence = (prompt + tokens[r])[:committed]
+        assert committed == len(prompt) + 8  # all but the last (ragged) block
+        fresh = DynamicCache()
+        model(torch.tensor([sequence], device=DEVICE), past_key_values=fresh, use_cache=True)
+        for layer, ref in enumerate(fresh.layers):
+            torch.testing.assert_close(engine.cache.keys[layer][r, :, :committed], ref.keys[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(engine.cache.values[layer][r, :, :committed], ref.values[0], rtol=1e-5,
+                                       atol=1e-5)  # fmt: skip
+
+
+def test_a_freed_slot_takes_a_new_request_mid_flight():
+    """Continuous batching: a request added to a slot while another slot is mid-block decodes as it would alone."""
+    model = pair("qwen2", 4)
+    first, second = prompts_of([6, 5], seed=9)
+    rule, sampling = rule_for("threshold", 0.5, 2), sampling_for(2)
+    engine = DecodeEngine(model, 2, 40, 4, rule, sampling, pad_token_id=PAD)
+    tokens = {0: [], 1: []}
+    events = engine.add([first], [0], MAX_NEW)
+    for _ in range(3):  # slot 0 is under way when slot 1 gets its request
+        for row, new, _, _ in events:
+            tokens[row] += new
+        events = engine.step()
+    events += engine.add([second], [1], MAX_NEW)
+    while True:
+        for row, new, _, _ in events:
+            tokens[row] += new
+        if not any(s.busy for s in engine.slots):
+            break
+        events = engine.step()
+    for r, prompt in enumerate([first, second]):
+        expected, _, _ = reference_generate(model, prompt, max_new=MAX_NEW, block_size=4, width=4,
+                                            rule=rule_for("threshold", 0.5, 1))  # fmt: skip
+        assert tokens[r] == expected
+
+
+def test_batch_tokens_per_forward_is_the_row_mean():
+    """Every forward serves every row still decoding: no row waits for a slower one inside a block."""
+    model = pair("llama", 8)
+    ids, am = padded_batch([6, 6, 6, 6], seed=4)
+    out = model.generate(ids, attention_mask=am, max_new_tokens=24, threshold=0.2, eos_token_id=[], pad_token_id=PAD,
+                         return_dict_in_generate=True)  # fmt: skip
+    per_row = out.num_generated_tokens / out.row_forward_passes
+    assert out.num_forward_passes == int(out.row_forward_passes.max())
+    assert not torch.all(out.row_forward_passes == out.row_forward_passes[0])  # rows really went at their own pace
+    for r in range(4):
+        alone = model.generate(ids[r : r + 1], max_new_tokens=24, threshold=0.2, eos_token_id=[], pad_token_id=PAD,
+                               return_dict_in_generate=True)  # fmt: skip
+        assert alone.num_forward_passes == out.row_forward_passes[r]
+    assert per_row.min() > 0
