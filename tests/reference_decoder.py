@@ -47,7 +47,7 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
     sampling = sampling or Sampling(torch.tensor([False]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]))
     sampling = Sampling(*(t.to(DEVICE) for t in (sampling.do_sample, sampling.temperature, sampling.top_k,
                                                   sampling.top_p)))  # fmt: skip
-    eos_ids = torch.tensor(list(eos), dtype=torch.long, device=DEVICE)
+    eos_ids = torch.tensor([t for t in eos if t < vocab], dtype=torch.long, device=DEVICE)
     forwards = 0
 
     def run(context: list[int], block: list[int], causal_block: bool, n_out: int, first_index: int):
@@ -57,7 +57,9 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
         seq = context + block
         ids = torch.tensor([seq], device=DEVICE)
         mask = _mask(len(context), len(block), causal_block, windows, model)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(seq), device=DEVICE)[None]).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(seq), device=DEVICE)[None]
+        ).logits
         start = len(context) if block else len(seq) - 1  # block position j predicts the token after it
         picked = logits[:, start : start + n_out]
         padded = torch.zeros(1, n_out if not block else width, logits.shape[-1], device=DEVICE, dtype=logits.dtype)

@@ -88,7 +88,7 @@ class DenoisePolicy:
     repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
     use_cuda_graph: bool | None = None  # None: on CUDA
 
-    def commit_rule(self, rows: int, device) -> "AnyOf | Threshold | FixedSteps | RepeatGuard":
+    def commit_rule(self, rows: int, device) -> AnyOf | Threshold | FixedSteps | RepeatGuard:
         """The commit rule these settings describe, with per-row tensors for ``rows`` rows."""
         rules = []
         if self.steps_per_block is not None:
@@ -104,6 +104,7 @@ class DenoisePolicy:
             temperature=torch.full((rows,), float(self.temperature), device=device),
             top_k=torch.full((rows,), self.top_k or 0, device=device),
             top_p=torch.full((rows,), float(self.top_p) if self.top_p is not None else 1.0, device=device),
+            filtered=bool(self.top_k) or (self.top_p is not None and self.top_p < 1),
         )
 
 
@@ -209,7 +210,6 @@ def check_inputs(model, input_ids, attention_mask, policy: DenoisePolicy):
                 "`hf_blockdiff.convert_model` / `hf_blockdiff convert`, or generate with block_size=1."
             )
         attention_backend(model.config)
-
 
 
 # ----------------------------------------------------------------------------------------------------------

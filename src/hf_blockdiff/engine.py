@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import logging
 
 from .compat import cache_argument
-from .masks import attention_backend, decode_meta
+from .masks import decode_meta
 from .policies import CommitRule, Sampling, propose
 
 logger = logging.get_logger(__name__)
@@ -113,7 +113,8 @@ class DecodeEngine:
         self.pad_token_id = pad_token_id
         device = model.device
         self.device = device
-        self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        self.eos = torch.tensor([t for t in eos_token_ids if 0 <= t < vocab], dtype=torch.long, device=device)
         # Positions of a block that are not in use (past its end or its EOS) still write at their own positions,
         # so a slot has room for a whole block past ``max_length``; those keys are never valid.
         self.max_length = max_length
@@ -135,6 +136,12 @@ class DecodeEngine:
         self.forwards = torch.zeros(rows, **long)  # forwards each row took part in
         self.committed_at = torch.zeros(rows, block_size, **long)  # the row's forward that committed a position
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.proposal = torch.zeros(rows, block_size, **long)
+        self.events = torch.zeros(rows, 3 + 2 * block_size, **long)
+        self.vocab = model.config.get_text_config(decoder=True).vocab_size
+        self._sampling = False  # whether any slot samples (a graph is captured for one setting)
+        self.noise = None
         self.num_forwards = 0
         self.slots = [Slot() for _ in range(rows)]
         self._graph = None
@@ -158,34 +165,96 @@ class DecodeEngine:
         ).last_hidden_state
         return hidden
 
-    def _step_logits(self):
+    def _step_body(self):
+        """One forward plus everything it decides, as device operations only (no host reads, no data-dependent
+        shapes), so that a single CUDA graph can hold it. Results for the host land in ``self.events``."""
+        active = self.phase != IDLE
         hidden = self._forward(self.block, self.length, self.block_len, self.phase == COMMIT)
-        return self.model.logits_from_hidden(hidden)
+        logits = self.model.logits_from_hidden(hidden)
+        self.forwards += active
+        produced = self.generated.unsqueeze(1) + self._index + 1  # the token index each logit predicts
+        tokens, conf = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
+                               produced < self.min_new.unsqueeze(1), self.noise if self._sampling else None)  # fmt: skip
+        self.proposal.copy_(tokens)
 
-    def _run_step(self) -> torch.Tensor:
+        # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
+        denoising = self.phase == DENOISE
+        open_ = ~self.filled[:, 1:] & denoising.unsqueeze(1)
+        commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps) & open_
+        self.block[:, 1:] = torch.where(commit, tokens[:, :-1], self.block[:, 1:])
+        self.filled[:, 1:] |= commit
+        self.committed_at[:, 1:] = torch.where(commit, self.forwards.unsqueeze(1), self.committed_at[:, 1:])
+        self.steps += denoising
+        self._close_after_eos()
+        complete = denoising & self.filled.all(dim=1)
+
+        # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
+        committing = self.phase == COMMIT
+        next_first = tokens.gather(1, (self.block_len - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        self.length += torch.where(committing, self.block_len, 0)
+        self.generated += torch.where(committing, self.block_len, 0)
+        self._start_block(committing, next_first)
+        complete |= committing & self.filled.all(dim=1)  # a block of one position is complete at once
+        self._settle(complete)  # a finished row ends; the others commit in the next forward
+        self._record(complete)
+
+    def _settle(self, complete):
+        """Rows whose block just completed: finished (EOS, budget) ones go idle, the others commit next."""
+        finished = complete & (self.ended | (self.generated + self.block_len >= self.max_new))
+        self.phase.copy_(torch.where(finished, IDLE, torch.where(complete, COMMIT, self.phase)))
+        self.finished.copy_(finished)
+
+    def _record(self, complete):
+        """Pack what the host needs into one buffer: per row [complete, finished, length, tokens.., at..]."""
+        b = self.block_size
+        self.events[:, 0] = complete
+        self.events[:, 1] = self.finished & complete
+        self.events[:, 2] = self.block_len
+        self.events[:, 3 : 3 + b] = self.block
+        self.events[:, 3 + b :] = self.committed_at
+
+    def _run_step(self):
         if self._use_graph and self._graph is None:
             self._capture()
         if self._graph is not None:
             self._graph.replay()
-            return self._graph_logits
-        return self._step_logits()
+        else:
+            self._step_body()
 
     def _capture(self):
+        saved = None
         try:
+            if self.device.type != "cuda":
+                raise RuntimeError(f"the model is on {self.device.type}, and CUDA graphs need a CUDA device")
+            saved = self._state()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: lazy initialisation must not happen during capture
-                    self._step_logits()
+                    self._step_body()
+                    self._restore(saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._graph_logits = self._step_logits()
+                self._step_body()
+            self._restore(saved)  # capture records the work without doing it; the state must not move either way
             self._graph = graph
         except Exception as error:  # capture is an optimisation: never a reason to fail or differ
             logger.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly.")
             self._use_graph, self._graph = False, None
-            torch.cuda.synchronize()
+            if saved is not None:
+                torch.cuda.synchronize()
+                self._restore(saved)
+
+    _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
+              "ended", "finished")  # fmt: skip
+
+    def _state(self):
+        return {name: getattr(self, name).clone() for name in self._STATE}
+
+    def _restore(self, saved):
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
 
     # -- requests ------------------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
@@ -226,6 +295,7 @@ class DecodeEngine:
         do_sample = self.sampling.do_sample[rows].tolist()
         for i, slot in enumerate(slots):
             self.slots[slot] = Slot(request=requests[i], generator=generators[i], do_sample=do_sample[i], busy=True)
+        self._set_sampling(any(s.do_sample for s in self.slots if s.busy))
         self.length[rows] = lengths
         self.generated[rows] = 0
         self.max_new[rows] = torch.tensor(max_new, device=dev)
@@ -233,42 +303,57 @@ class DecodeEngine:
         self.row_block_size[rows] = torch.tensor(block_sizes, device=dev)
         self.forwards[rows] = 1
         self.ended[rows] = False
-        noise = self._noise(slots, 1, last.shape[-1])
+        noise = None
+        if self._sampling:
+            noise = torch.ones(n, 1, last.shape[-1], device=dev)
+            self._draw(noise, slots)
         sampling = Sampling(*(t[rows] for t in (self.sampling.do_sample, self.sampling.temperature,
-                                                self.sampling.top_k, self.sampling.top_p)))  # fmt: skip
+                                                self.sampling.top_k, self.sampling.top_p)),
+                            filtered=self.sampling.filtered)  # fmt: skip
         first, _ = propose(last, sampling, self.measure, self.mask_token_id, self.eos,
                            (self.min_new[rows] > 0).unsqueeze(1), noise)  # fmt: skip
-        self._start_block(rows, first[:, 0])
-        return self._completed_after_start(rows)
+        starting = torch.zeros(self.rows, dtype=torch.bool, device=dev)
+        starting[rows] = True
+        firsts = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        firsts[rows] = first[:, 0]
+        self._start_block(starting, firsts)
+        self.finished.zero_()
+        complete = starting & self.filled.all(dim=1)
+        self._settle(complete)
+        self._record(complete)
+        return self._events()
 
-    def _noise(self, slots: list[int], positions: int, vocab: int):
-        """``Exp(1)`` draws, ``(len(slots), positions, vocab)``, from each sampling slot's own generator (one draw
-        of that shape per forward it takes part in, so a row's noise does not depend on its neighbours); None
-        when no slot samples."""
-        drawing = [i for i, s in enumerate(slots) if self.slots[s].do_sample and self.slots[s].busy]
-        if not drawing:
-            return None
-        noise = torch.ones(len(slots), positions, vocab, device=self.device)
-        for i in drawing:
-            noise[i].exponential_(generator=self.slots[slots[i]].generator)
-        return noise
+    def _set_sampling(self, sampling: bool):
+        """Sampling needs a noise buffer and a graph that reads it; greedy decoding needs neither."""
+        if sampling and self.noise is None:
+            self.noise = torch.ones(self.rows, self.block_size, self.vocab, device=self.device)
+        if sampling != self._sampling:
+            self._sampling, self._graph = sampling, None
 
-    def _start_block(self, rows, first):
-        """Start a block at each row's ``length``: ``[first, MASK, ...]`` (or finish rows that have no room)."""
-        left = self.max_new[rows] - self.generated[rows]
-        size = torch.minimum(self.row_block_size[rows], left)
-        block = torch.full((rows.numel(), self.block_size), self.pad_token_id, dtype=torch.long, device=self.device)
+    def _draw(self, noise: torch.Tensor, slots: list[int]):
+        """``Exp(1)`` draws into ``noise[i]`` from each sampling slot's own generator: one draw of that shape per
+        forward the slot takes part in, so a row's noise does not depend on its neighbours."""
+        for i, slot in enumerate(slots):
+            if self.slots[slot].do_sample and self.slots[slot].busy:
+                noise[i].exponential_(generator=self.slots[slot].generator)
+
+    def _start_block(self, rows: torch.Tensor, first: torch.Tensor):
+        """Start a block at the ``length`` of the ``rows`` (a bool mask): ``[first, MASK, ...]``."""
+        size = torch.minimum(self.row_block_size, self.max_new - self.generated)
+        block = torch.full_like(self.block, self.pad_token_id)
         if self.mask_token_id is not None:
             block.masked_fill_(self._index < size.unsqueeze(1), self.mask_token_id)
         block[:, 0] = first
-        self.block[rows] = block
         filled = self._index >= size.unsqueeze(1)  # unused positions count as filled
         filled[:, 0] = True
-        self.filled[rows] = filled
-        self.block_len[rows] = size
-        self.steps[rows] = 0
-        self.committed_at[rows] = torch.where(self._index == 0, self.forwards[rows].unsqueeze(1), -1)
-        self.phase[rows] = DENOISE
+        at = torch.where(self._index == 0, self.forwards.unsqueeze(1), -1)
+        pick = rows.unsqueeze(1)
+        self.block.copy_(torch.where(pick, block, self.block))
+        self.filled.copy_(torch.where(pick, filled, self.filled))
+        self.committed_at.copy_(torch.where(pick, at, self.committed_at))
+        self.block_len.copy_(torch.where(rows, size, self.block_len))
+        self.steps.masked_fill_(rows, 0)
+        self.phase.masked_fill_(rows, DENOISE)
         self._close_after_eos()
 
     def _close_after_eos(self):
@@ -291,78 +376,29 @@ class DecodeEngine:
         """One forward for every busy slot. Returns the slots whose block completed in it, with their tokens:
         ``[(slot, tokens, committed_at, finished)]`` (``finished``: EOS or max_new_tokens; the caller may also
         :meth:`finish` a slot, e.g. on a stop string)."""
-        active = self.phase != IDLE
-        logits = self._run_step()
+        if self._sampling:
+            self._draw(self.noise, list(range(self.rows)))
+        self._run_step()
         self.num_forwards += 1
-        self.forwards += active
-        noise = self._noise(list(range(self.rows)), self.block_size, logits.shape[-1])
-        produced = self.generated.unsqueeze(1) + self._index + 1  # token index each logit predicts
-        tokens, conf = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
-                               produced < self.min_new.unsqueeze(1), noise)  # fmt: skip
-        self._proposal = tokens
+        return self._events()
 
-        # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
-        denoising = self.phase == DENOISE
-        open_ = ~self.filled[:, 1:] & denoising.unsqueeze(1)
-        commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps) & open_
-        self.block[:, 1:] = torch.where(commit, tokens[:, :-1], self.block[:, 1:])
-        self.filled[:, 1:] |= commit
-        self.committed_at[:, 1:] = torch.where(commit, self.forwards.unsqueeze(1), self.committed_at[:, 1:])
-        self.steps += denoising
-        self._close_after_eos()
-
-        # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
-        committing = self.phase == COMMIT
-        last = (self.block_len - 1).clamp(min=0)
-        next_first = tokens.gather(1, last.unsqueeze(1)).squeeze(1)
-
-        # Blocks that completed in this step: a finished row ends, the others commit in the next forward.
-        complete = denoising & self.filled.all(dim=1)
-        out_of_budget = self.generated + self.block_len >= self.max_new
-        finished = complete & (self.ended | out_of_budget)
-        events = self._completed(complete, finished)
-
-        advancing = committing.nonzero().squeeze(1)
-        self.phase.masked_fill_(complete & ~finished, COMMIT)
-        self.phase.masked_fill_(finished, IDLE)
-        if advancing.numel():
-            self.length[advancing] += self.block_len[advancing]
-            self.generated[advancing] += self.block_len[advancing]
-            self._start_block(advancing, next_first[advancing])
-            events += self._completed_after_start(advancing)
-        return events
-
-    def _completed(self, complete, finished):
-        """Host bookkeeping of completed blocks (one device-to-host copy per step)."""
-        flags = torch.stack([complete, finished]).cpu()
-        if not bool(flags[0].any()):
-            return []
-        rows = flags[0].nonzero().squeeze(1).tolist()
-        block, at, size = self.block[rows].cpu(), self.committed_at[rows].cpu(), self.block_len[rows].cpu()
-        events = []
-        for i, r in enumerate(rows):
-            new = block[i, : size[i]].tolist()
+    def _events(self):
+        """Read the step's packed results (the one device-to-host copy of a step) and do the host bookkeeping."""
+        events, b = [], self.block_size
+        table = self.events.cpu()
+        for r in table[:, 0].nonzero().squeeze(1).tolist():
+            size = int(table[r, 2])
+            new, at = table[r, 3 : 3 + size].tolist(), table[r, 3 + b : 3 + b + size].tolist()
+            done = bool(table[r, 1])
             self.slots[r].tokens += new
-            done = bool(flags[1, r])
             if done:
                 self.slots[r].busy = False
-            events.append((r, new, at[i, : size[i]].tolist(), done))
-        return events
-
-    def _completed_after_start(self, rows):
-        """A block of one position is complete as soon as it starts (block size 1, or the last token)."""
-        complete = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
-        complete[rows] = self.filled[rows].all(dim=1)
-        out_of_budget = self.generated + self.block_len >= self.max_new
-        finished = complete & (self.ended | out_of_budget)
-        events = self._completed(complete, finished)
-        self.phase.masked_fill_(complete & ~finished, COMMIT)
-        self.phase.masked_fill_(finished, IDLE)
+            events.append((r, new, at, done))
         return events
 
     def draft(self, slot: int) -> torch.Tensor:
         """A slot's active block as the last step saw it: committed tokens, the latest proposal elsewhere."""
-        proposal = torch.cat([self.block[slot, :1], self._proposal[slot, :-1]])
+        proposal = torch.cat([self.block[slot, :1], self.proposal[slot, :-1]])
         return torch.where(self.filled[slot], self.block[slot], proposal)[: int(self.block_len[slot])].unsqueeze(0)
 
     def finish(self, slot: int):

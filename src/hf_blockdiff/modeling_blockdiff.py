@@ -17,9 +17,8 @@ module is ever imported. The conformance tests then say whether it really honour
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import importlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -311,7 +310,9 @@ def _build_class(arch: Architecture) -> type:
     stock = getattr(module, arch.stock_class)
     # `__module__` makes save_pretrained copy this file (and its relative imports) next to the weights, and lets
     # `auto_map` resolve the class by name through this module's `__getattr__`.
-    cls = type(arch.class_name, (BlockDiffusionMixin, stock), {"__module__": __name__, "__qualname__": arch.class_name})
+    cls = type(
+        arch.class_name, (BlockDiffusionMixin, stock), {"__module__": __name__, "__qualname__": arch.class_name}
+    )
     cls._mask_per_layer_type = arch.per_layer_type
     return cls
 

@@ -32,6 +32,9 @@ class Sampling:
     temperature: torch.Tensor  # float, > 0
     top_k: torch.Tensor  # long, 0 = off
     top_p: torch.Tensor  # float, 1.0 = off
+    # Whether any row may use top-k / top-p. A host-side flag rather than a check of the tensors, so that a
+    # step stays free of host syncs (and capturable); False skips the vocabulary sort.
+    filtered: bool = True
 
 
 def confidence(probs: torch.Tensor, tokens: torch.Tensor, measure: str) -> torch.Tensor:
@@ -47,17 +50,18 @@ def confidence(probs: torch.Tensor, tokens: torch.Tensor, measure: str) -> torch
 
 
 def restrict(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Scores (``(rows, n, vocab)``) with tokens outside each row's top-k / nucleus set to -inf."""
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        rank = torch.arange(scores.shape[-1], device=scores.device)
-        k = torch.where(top_k > 0, top_k, scores.shape[-1]).view(-1, 1, 1)
-        # nucleus: keep the smallest prefix whose mass reaches top_p (the top token always stays)
-        sorted_probs = sorted_scores.softmax(-1)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop = (rank >= k) | (mass_before >= top_p.view(-1, 1, 1))
-        drop[..., 0] = False
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
+    """Scores (``(rows, n, vocab)``) with tokens outside each row's top-k / nucleus set to -inf (rows with
+    ``top_k`` 0 and ``top_p`` 1 keep every token)."""
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    k = torch.where(top_k > 0, top_k, scores.shape[-1]).view(-1, 1, 1)
+    # nucleus: keep the smallest prefix whose mass reaches top_p (the top token always stays)
+    sorted_probs = sorted_scores.softmax(-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    top_p = top_p.view(-1, 1, 1)
+    drop = (rank >= k) | ((top_p < 1) & (mass_before >= top_p))  # top_p 1: rounding must not drop the tail
+    drop[..., 0] = False
+    scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
     return scores
 
 
@@ -72,7 +76,8 @@ def propose(
 ):
     """Token and confidence at every position of ``logits`` (``(rows, n, vocab)``).
 
-    ``forbid_eos`` (``(rows, n)``) marks positions where EOS may not be chosen. ``noise`` (``(rows, n, vocab)``,
+    ``eos_token_ids`` must lie inside the vocabulary (the engine filters them once; filtering here would read
+    the device). ``forbid_eos`` (``(rows, n)``) marks positions where EOS may not be chosen. ``noise`` (``(rows, n, vocab)``,
     ``Exp(1)`` draws) is needed when any row samples. Confidence is read off the temperature-scaled distribution
     before top-k / top-p, which only restrict what may be drawn.
     """
@@ -81,7 +86,7 @@ def propose(
     if mask_token_id is not None and mask_token_id < vocab:
         scores[..., mask_token_id] = -math.inf
     if eos_token_ids.numel():
-        eos = eos_token_ids[eos_token_ids < vocab]
+        eos = eos_token_ids
         scores[..., eos] = scores[..., eos].masked_fill(forbid_eos.unsqueeze(-1), -math.inf)
     sampled = sampling.do_sample.view(-1, 1, 1)
     if noise is not None:
@@ -89,7 +94,8 @@ def propose(
     probs = scores.softmax(-1)
     tokens = probs.argmax(-1)
     if noise is not None:
-        drawn = (restrict(scores, sampling.top_k, sampling.top_p).softmax(-1) / noise).argmax(-1)
+        allowed = restrict(scores, sampling.top_k, sampling.top_p) if sampling.filtered else scores
+        drawn = (allowed.softmax(-1) / noise).argmax(-1)
         tokens = torch.where(sampled.view(-1, 1), drawn, tokens)
     return tokens, confidence(probs, tokens, measure)
 
@@ -115,7 +121,9 @@ def most_confident(conf: torch.Tensor, open_: torch.Tensor, quota: torch.Tensor)
     """Each row's ``quota`` most confident open positions (ties: the leftmost)."""
     ranked = torch.where(open_, conf, -math.inf)
     order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     return open_ & (rank < quota.unsqueeze(1))
 
 

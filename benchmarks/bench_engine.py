@@ -1,0 +1,178 @@
+"""The decode engine against transformers' own generate() on the same weights, all in one run, one GPU.
+
+    python benchmarks/bench_engine.py --model smollm2 --adapter smollm2-bd16     # SmolLM2 + the shipped adapter
+    python benchmarks/bench_engine.py --shape qwen2-1.5b                         # random weights: pure speed
+
+Decoders: the source model under HF ``generate()`` (eager dynamic cache, and ``cache_implementation="static"``,
+which transformers compiles on CUDA), and ``model.generate()`` of the block-diffusion model (the engine). Chat
+prompts, greedy, 128 new tokens (up to each row's EOS), batches 1 / 16 / 64. Columns: tok/s (generated tokens
+over wall time; CUDA events after warm-up, median of repeats), ms per forward (ours: per engine step; HF: per
+decode step), tokens per forward per row (mean of each row's tokens / its forwards) and for the batch (all tokens
+/ all row-forwards), and the ratio to HF static tok/s measured in the same run. Then ms per forward at a 128 and
+a 4,096-token context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_model, save, timer  # noqa: E402
+
+PROMPTS = [
+    "Explain why the sky is blue in two sentences.", "Write a short poem about a lighthouse.",
+    "What are three tips for learning a new language?", "Summarize the plot of Romeo and Juliet.",
+    "How does a refrigerator keep food cold?", "Give me a recipe for a simple tomato soup.",
+    "What is the difference between weather and climate?", "Describe the water cycle for a ten-year-old.",
+    "List some benefits of regular exercise.", "Why do cats purr?",
+    "Write a friendly email inviting a colleague to lunch.", "What causes earthquakes?",
+    "Explain what a computer program is.", "How do bees make honey?",
+    "What should I pack for a weekend hiking trip?", "Tell me a fun fact about the ocean.",
+    "How do I make a cup of green tea?", "What is photosynthesis?", "Give me three ideas for a birthday party.",
+    "Why is sleep important?", "Explain how a bicycle works.", "What is the capital of Japan and why is it famous?",
+    "Write a haiku about autumn leaves.", "How can I save money on groceries?",
+    "What is the difference between a virus and a bacterium?", "Describe a typical day of a firefighter.",
+    "How do airplanes stay in the air?", "Suggest a name for a friendly robot and explain it.",
+    "What are the planets of the solar system?", "How do I start learning to play the guitar?",
+    "Explain recycling to a child.", "What makes a good friend?", "Why do leaves change colour in autumn?",
+    "Write two sentences about the moon.", "How does the internet work, in simple terms?",
+    "What is a healthy breakfast?", "Give me tips for a job interview.", "What is gravity?",
+    "Describe the taste of a lemon.", "How do plants drink water?",
+]  # fmt: skip
+NEW_TOKENS = 128
+
+
+def load(args):
+    """(AR source, block-diffusion model, tokenizer) in bf16 on the GPU."""
+    import hf_blockdiff
+
+    if args.shape:
+        model = random_model(args.shape, "sdpa", device=args.device)
+        source = copy.deepcopy(model)
+        source.__class__ = [c for c in type(model).__mro__ if c.__name__.endswith("ForCausalLM")][1]
+        return source.eval(), model.eval(), None
+    source, tokenizer = hf_blockdiff.load_source(args.model, dtype="bfloat16")
+    model, tokenizer = hf_blockdiff.convert_model(copy.deepcopy(source), copy.deepcopy(tokenizer), block_size=16)
+    if args.adapter:
+        model = hf_blockdiff.apply_adapter(model, args.adapter)
+    return source.to(args.device).eval(), model.to(args.device).eval(), tokenizer
+
+
+def batch_inputs(tokenizer, batch, device, vocab, context=None):
+    if tokenizer is None or context:  # random prompts (random model, or a fixed context length)
+        g = torch.Generator().manual_seed(0)
+        lengths = [context] * batch if context else [24 + (7 * i) % 20 for i in range(batch)]
+        ids = torch.zeros((batch, max(lengths)), dtype=torch.long)
+        am = torch.zeros_like(ids)
+        for r, n in enumerate(lengths):
+            ids[r, -n:] = torch.randint(0, vocab - 2, (n,), generator=g)
+            am[r, -n:] = 1
+        return {"input_ids": ids.to(device), "attention_mask": am.to(device)}
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in (PROMPTS * 2)[:batch]
+    ]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True).to(device)
+
+
+def generated_lengths(sequences, prompt_len, eos_ids):
+    new = sequences[:, prompt_len:]
+    if not eos_ids:
+        return torch.full((new.shape[0],), new.shape[1])
+    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, new.shape[1])
+    return first.cpu()
+
+
+def run_hf(source, inputs, eos, static, time_fn):
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos or None, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    ms = time_fn(lambda: source.generate(**inputs, **kwargs))
+    out = source.generate(**inputs, **kwargs)
+    lengths = generated_lengths(out, inputs["input_ids"].shape[1], eos)
+    steps = out.shape[1] - inputs["input_ids"].shape[1]
+    return dict(ms=ms, tokens=int(lengths.sum()), forwards=steps, tpf_row=1.0, tpf_batch=1.0)
+
+
+def run_ours(model, inputs, eos, time_fn, **settings):
+    kwargs = dict(
+        max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **settings
+    )
+    ms = time_fn(lambda: model.generate(**inputs, **kwargs))
+    out = model.generate(**inputs, **kwargs)
+    tokens, row_forwards = out.num_generated_tokens.float().cpu(), out.row_forward_passes.float().cpu()
+    return dict(ms=ms, tokens=int(tokens.sum()), forwards=out.num_forward_passes,
+                tpf_row=float((tokens / row_forwards).mean()), tpf_batch=float(tokens.sum() / row_forwards.sum()))  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--shape", default=None, help="random weights of a named shape instead of --model")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--settings", nargs="+", default=["16:0.9", "16:0.5", "1:1.0"],
+                        help="block_size:threshold pairs for our decoder")  # fmt: skip
+    parser.add_argument("--contexts", type=int, nargs="*", default=[128, 4096])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="engine_smollm2")
+    args = parser.parse_args(argv)
+
+    source, model, tokenizer = load(args)
+    vocab = model.config.vocab_size
+    eos = [] if tokenizer is None else [tokenizer.eos_token_id]
+    cuda = torch.device(args.device).type == "cuda"
+    time_fn = timer(args.device)
+
+    def timed(fn):
+        return time_fn(fn, warmup=1, repeats=args.repeats) if cuda else time_fn(fn, warmup=0, repeats=1)
+
+    rows = []
+    for batch in args.batches:
+        inputs = batch_inputs(tokenizer, batch, args.device, vocab)
+        results = {
+            "HF eager": run_hf(source, inputs, eos, False, timed),
+            "HF static": run_hf(source, inputs, eos, True, timed),
+        }
+        for setting in args.settings:
+            size, threshold = setting.split(":")
+            results[f"ours b={size} thr {threshold}"] = run_ours(model, inputs, eos, timed, block_size=int(size),
+                                                                 threshold=float(threshold))  # fmt: skip
+        static_tps = results["HF static"]["tokens"] / results["HF static"]["ms"] * 1000
+        for name, r in results.items():
+            tps = r["tokens"] / r["ms"] * 1000
+            rows.append({"batch": batch, "decoder": name, "tok/s": tps, "ms/forward": r["ms"] / r["forwards"],
+                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"], "vs HF static": tps / static_tps})  # fmt: skip
+            print(rows[-1], flush=True)
+
+    for context in args.contexts:
+        inputs = batch_inputs(None, 1, args.device, vocab, context=context)
+        for name, fn in {
+            "HF static": lambda: run_hf(source, inputs, [], True, timed),
+            "ours b=16 thr 1.0": lambda: run_ours(model, inputs, [], timed, block_size=16, threshold=1.0),
+            "ours b=16 thr 0.0": lambda: run_ours(model, inputs, [], timed, block_size=16, threshold=0.0),
+        }.items():
+            r = fn()
+            rows.append({"batch": 1, "decoder": f"{name}, context {context}", "ms/forward": r["ms"] / r["forwards"],
+                         "tpf row": r["tpf_row"], "tok/s": r["tokens"] / r["ms"] * 1000})  # fmt: skip
+            print(rows[-1], flush=True)
+
+    what = f"random {args.shape}" if args.shape else f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
+    save(args.out, f"Decode engine vs HF generate: {what}, {NEW_TOKENS} new tokens, greedy", rows,
+         notes="tok/s counts each row's tokens up to its EOS. HF static is transformers' compiled static-cache "
+               "decode. ms/forward: ours per engine step (one forward serves every row still decoding), HF per "
+               "decode step. tpf: tokens per forward, per row (mean) and for the batch (tokens / row-forwards). "
+               "Command: python benchmarks/bench_engine.py " + " ".join(argv or sys.argv[1:]),
+         columns=["batch", "decoder", "tok/s", "ms/forward", "tpf row", "tpf batch", "vs HF static"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
