@@ -1,5 +1,7 @@
 """The decode engine against the no-cache reference decoder, row independence, and the static cache's contents."""
 
+import copy
+
 import pytest
 import torch
 from helpers import DEVICE, EOS, PAD, converted_pair, padded_batch
@@ -217,3 +219,31 @@ def test_cuda_graph_equals_eager_or_falls_back(block_size, caplog):
         assert "CUDA graph capture failed" in caplog.text
     else:
         assert "CUDA graph capture failed" not in caplog.text
+
+
+def test_generate_reuses_its_engine_and_takes_new_settings():
+    """A second generate() of the same shape runs on the first one's engine (cache and graph) with the new
+    settings copied in: its tokens equal a fresh engine's. A recast model gets a new engine."""
+    model = pair("llama", 8)
+    ids, am = padded_batch([6, 4], seed=5)
+    kwargs = dict(attention_mask=am, max_new_tokens=MAX_NEW, eos_token_id=RARE_STOPS, pad_token_id=PAD,
+                  return_dict_in_generate=True)  # fmt: skip
+    sample = lambda seed, t: dict(
+        do_sample=True, top_k=5, temperature=t, generator=torch.Generator().manual_seed(seed)
+    )  # noqa: E731
+    fresh = lambda: copy.deepcopy(model)  # noqa: E731  (copies leave the engine behind)
+    # settings are built anew for every call: a generator's state moves as it is used
+    for first, second in [(lambda: dict(threshold=0.2), lambda: dict(threshold=0.9)),
+                          (lambda: dict(threshold=0.9, **sample(3, 1.0)), lambda: dict(threshold=0.4, **sample(4, 0.7)))]:  # fmt: skip
+        model.generate(ids, **first(), **kwargs)
+        engine = model._blockdiff_engine.engine
+        again = model.generate(ids, **second(), **kwargs)
+        assert model._blockdiff_engine.engine is engine
+        copied = fresh()
+        assert copied._blockdiff_engine.engine is None
+        expected = copied.generate(ids, **second(), **kwargs)
+        assert torch.equal(again.sequences, expected.sequences)
+        assert torch.equal(again.row_forward_passes, expected.row_forward_passes)
+    model.float()
+    model.generate(ids, threshold=0.9, **kwargs)
+    assert model._blockdiff_engine.engine is not engine

@@ -27,7 +27,16 @@ from transformers.utils import logging
 
 from .engine import DecodeEngine
 from .masks import attention_backend
-from .policies import CONFIDENCE_MEASURES, AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold
+from .policies import (
+    CONFIDENCE_MEASURES,
+    AnyOf,
+    FixedSteps,
+    RepeatGuard,
+    Sampling,
+    Threshold,
+    settings_of,
+    structure_of,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -264,18 +273,7 @@ def generate_blocks(
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch
     max_length = max(len(p) for p in prompts) + policy.max_new_tokens
     with dense_attention(model):
-        engine = DecodeEngine(
-            model,
-            rows=batch,
-            max_length=max_length,
-            block_size=policy.block_size,
-            rule=policy.commit_rule(batch, device),
-            sampling=policy.sampling(batch, device),
-            confidence=policy.confidence,
-            eos_token_ids=policy.eos_token_ids,
-            pad_token_id=policy.pad_token_id,
-            use_cuda_graph=policy.use_cuda_graph,
-        )
+        engine = decode_engine(model, policy, batch, max_length, device)
         generated: list[list[int]] = [[] for _ in range(batch)]
         committed_at: list[list[int]] = [[] for _ in range(batch)]
         if streamer is not None:
@@ -315,6 +313,50 @@ def generate_blocks(
         committed_at=at,
         block_size=policy.block_size,
     )
+
+
+# An engine's slots are sized in steps of this many positions, so that calls with nearby lengths share one.
+ENGINE_LENGTH_STEP = 256
+
+
+class _EngineHolder:
+    """Keeps a model's last engine on the model, but not in its copies or pickles (the cache is big)."""
+
+    engine: DecodeEngine | None = None
+
+    def __deepcopy__(self, memo):
+        return _EngineHolder()
+
+    def __reduce__(self):
+        return _EngineHolder, ()
+
+
+def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, device) -> DecodeEngine:
+    """An engine for these settings: the model's previous one if it fits, else a new one.
+
+    Building an engine allocates its cache and, on CUDA, captures its graph, which costs more than a short
+    generation; repeated ``generate()`` calls of one shape reuse both, with the new settings copied in. Only the
+    last engine is kept, so its cache is all the memory held between calls.
+    """
+    rule, sampling = policy.commit_rule(rows, device), policy.sampling(rows, device)
+    length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
+    weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
+    key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
+           policy.use_cuda_graph, structure_of((rule, sampling)), hash(weights))  # fmt: skip
+    holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
+    engine = holder.engine
+    if engine is not None and engine.key == key:
+        for mine, new in zip(settings_of((engine.rule, engine.sampling)), settings_of((rule, sampling))):
+            mine.copy_(new)
+        engine.reset()
+        return engine
+    holder.engine = None  # free the old cache before allocating the new one
+    engine = DecodeEngine(model, rows=rows, max_length=length, block_size=policy.block_size, rule=rule,
+                          sampling=sampling, confidence=policy.confidence, eos_token_ids=policy.eos_token_ids,
+                          pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph)  # fmt: skip
+    engine.key = key
+    holder.engine = engine
+    return engine
 
 
 def _stops(criteria: StoppingCriteriaList, prompt: torch.Tensor, generated: list[int]) -> bool:

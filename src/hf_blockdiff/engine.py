@@ -147,6 +147,7 @@ class DecodeEngine:
         self._graph = None
         self._use_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self._index = torch.arange(block_size, device=device)
+        self.key = None  # set by whoever caches the engine for reuse (generate())
 
     # -- the forward ---------------------------------------------------------------------------------------
     def _forward(self, ids, length, block_len, causal, rows=None):
@@ -257,6 +258,14 @@ class DecodeEngine:
             getattr(self, name).copy_(value)
 
     # -- requests ------------------------------------------------------------------------------------------
+    def reset(self):
+        """Drop every request and the counters (the cache, the settings' tensors and the graph stay)."""
+        self.phase.zero_()
+        self.block_len.zero_()
+        self.forwards.zero_()
+        self.num_forwards = 0
+        self.slots = [Slot() for _ in range(self.rows)]
+
     def free_slots(self) -> list[int]:
         return [i for i, slot in enumerate(self.slots) if not slot.busy]
 

@@ -117,6 +117,29 @@ class CommitRule:
         raise NotImplementedError
 
 
+def settings_of(obj) -> list[torch.Tensor]:
+    """The per-row tensors of a rule or :class:`Sampling`, in a fixed order (an engine built for one set of
+    settings takes another of the same structure by copying these in place)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in settings_of(item)]
+    if isinstance(obj, (CommitRule, Sampling)):
+        return [t for value in vars(obj).values() for t in settings_of(value)]
+    return []
+
+
+def structure_of(obj):
+    """What must match for :func:`settings_of` of two objects to be interchangeable: types, shapes and flags."""
+    if isinstance(obj, torch.Tensor):
+        return (tuple(obj.shape), obj.dtype)
+    if isinstance(obj, (list, tuple)):
+        return tuple(structure_of(item) for item in obj)
+    if isinstance(obj, (CommitRule, Sampling)):
+        return (type(obj).__name__, tuple((k, structure_of(v)) for k, v in vars(obj).items()))
+    return obj
+
+
 def most_confident(conf: torch.Tensor, open_: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     """Each row's ``quota`` most confident open positions (ties: the leftmost)."""
     ranked = torch.where(open_, conf, -math.inf)
