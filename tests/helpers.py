@@ -1,5 +1,5 @@
 """Shared test helpers: tiny tokenizer and models, and reference implementations written independently of
-``hf_blockdiff.masks`` (plain loops over the rules of DESIGN.md 2.3), so tests compare two implementations."""
+``hf_blockdiff.masks`` (plain loops over the rules of docs/design.md 2.3), so tests compare two implementations."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def grid_keys(labels_row, valid_row, block_size):
 
 
 def spec_allowed(keys, valid, pos, copies, window):
-    """allowed[q][k] over the layout [x_t^1; ..; x_t^S; x] of one row, straight from DESIGN.md 2.3."""
+    """allowed[q][k] over the layout [x_t^1; ..; x_t^S; x] of one row, straight from docs/design.md 2.3."""
     length = len(keys)
     n = (copies + 1) * length
     allowed = [[False] * n for _ in range(n)]

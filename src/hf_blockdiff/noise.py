@@ -1,5 +1,5 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
-"""Noise for training (DESIGN.md 2.3): which positions of ``x`` become the mask token in ``x_t``.
+"""Noise for training (docs/design.md 2.3): which positions of ``x`` become the mask token in ``x_t``.
 
 Per block, a noise level ``t ~ U(eps, 1)``; each maskable position of the block is masked independently with
 probability ``t``. Maskable = supervised (label != -100) and not the first token of its block; the prompt,

@@ -1,6 +1,6 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
 """Adaptation training: :class:`BlockDiffusionConfig` (a ``trl.SFTConfig``) and :class:`BlockDiffusionTrainer`
-(a ``trl.SFTTrainer``) for the combined diffusion + AR loss with gradual block growth (DESIGN.md 2.3-2.4).
+(a ``trl.SFTTrainer``) for the combined diffusion + AR loss with gradual block growth (docs/design.md 2.3-2.4).
 
 Everything SFTTrainer does still applies: plain-text, conversational and prompt-completion datasets, chat
 templates, completion-only loss, ``peft_config``, accelerate/DDP/FSDP. The trainer only samples the noise and
