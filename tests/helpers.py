@@ -125,10 +125,19 @@ def layer_windows(config) -> list[int | None]:
 
 
 def grid_keys(labels_row, valid_row, block_size):
-    """Per position: (0, j) for context token j before the grid, (1, n) inside block n; tuple order = order."""
-    supervised = [lab != -100 for lab in labels_row] if labels_row is not None else list(valid_row)
-    start = next((j for j, s in enumerate(supervised) if s), len(supervised))
-    return [(0, j) if j < start else (1, (j - start) // block_size) for j in range(len(supervised))]
+    """Per position: (first position of its block, supervised?). Every run of supervised tokens starts a fresh
+    grid at its first token; any other token is a block of its own. Tuple order = block order."""
+    supervised = [lab != -100 for lab in labels_row] if labels_row is not None else [bool(v) for v in valid_row]
+    keys = []
+    for j, sup in enumerate(supervised):
+        if not sup:
+            keys.append((j, False))
+            continue
+        run_start = j
+        while run_start > 0 and supervised[run_start - 1]:
+            run_start -= 1
+        keys.append((run_start + (j - run_start) // block_size * block_size, True))
+    return keys
 
 
 def spec_allowed(keys, valid, pos, copies, window):

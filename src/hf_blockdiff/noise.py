@@ -57,7 +57,7 @@ class NoiseSampler:
         t_blocks = self.eps + (high - self.eps) * torch.rand(
             batch, num_blocks, device=input_ids.device, generator=generator
         )
-        t = torch.where(blocks >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)
+        t = torch.where(offsets >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)  # context: 0
         masked = maskable & (torch.rand(t.shape, device=t.device, generator=generator) < t)
 
         noisy = input_ids.masked_fill(masked, self.mask_token_id)
