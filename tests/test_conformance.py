@@ -190,3 +190,28 @@ def test_chunked_loss_equals_direct_loss(monkeypatch):
         results.append((out.loss.detach(), out.certainty_loss.detach(), model.lm_head.weight.grad.clone()))
     for direct, chunked in zip(*results):
         torch.testing.assert_close(chunked, direct, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_padding_to_a_multiple_of_the_block_size_changes_nothing(arch):
+    """Samples are not padded to a multiple of the block size (docs/design.md 2.3): a short last block is the
+    same as one filled with padding, because padding is never a key, a target or masked."""
+    _, model, _ = converted_pair(arch, block_size=BLOCK)
+    ids, am, labels, noisy, _ = layout(model.config.mask_token_id, seed=3)
+    results = []
+    for extra in range(BLOCK + 1):
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, extra), value=value)
+
+        x, x_am, x_labels, x_noisy = pad(ids, PAD), pad(am, 0), pad(labels, -100), pad(noisy, PAD)
+        with torch.no_grad():
+            out = model(input_ids=x, noisy_input_ids=x_noisy, attention_mask=x_am, labels=x_labels, block_size=BLOCK)
+            hidden = hidden_states(model, x, x_am, x_labels, x_noisy, positions_from_padding(x_am))
+        results.append(
+            (out.loss, out.diffusion_loss, out.ar_loss, out.num_masked_tokens, hidden[..., : ids.shape[1], :])
+        )
+    assert results[0][3] > 0
+    for padded in results[1:]:
+        for got, expected in zip(padded, results[0]):
+            torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
