@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 
 import torch
@@ -231,3 +232,25 @@ def padded_batch(lengths, left=True, seed=0, low=0, high=WORDS):
         sl = slice(width - n, width) if left else slice(0, n)
         ids[r, sl], mask[r, sl] = row, 1
     return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def convert_tiny_checkpoint(path, arch: str = "qwen2"):
+    """Convert a tiny model into the folder ``path`` (weights, code, tokenizer) and return what the in-memory
+    model gives, the reference a reloaded copy must reproduce: ``(ids, logits, sequences, forwards)``."""
+    model, tok = hf_blockdiff.convert_model(source_model(arch), tiny_tokenizer(), block_size=4)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    ids, _ = padded_batch([9, 9], seed=4)
+    with torch.no_grad():
+        logits = model(ids).logits
+    gen = model.generate(ids[:, :5], max_new_tokens=8, block_size=4, threshold=0.5, return_dict_in_generate=True)
+    return ids, logits, gen.sequences, gen.num_forward_passes
+
+
+def weights_digest(model) -> str:
+    """sha256 of every parameter's exact values, in name order."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
