@@ -26,7 +26,8 @@ def free_port() -> int:
 
 
 def launch(command, out: Path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_BLOCKDIFF_TEST_DEVICE": "cpu",
+           "HF_BLOCKDIFF_TEST_DTYPE": "float32",
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     proc = subprocess.run(command + [str(out)], capture_output=True, text=True, env=env, cwd=out, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
