@@ -1,9 +1,10 @@
 """Shared test helpers: tiny tokenizer and models, and reference implementations written independently of
-``hf_blockdiff.masks`` (plain loops over the rules of DESIGN.md 2.3), so tests compare two implementations."""
+``hf_blockdiff.masks`` (plain loops over the rules of docs/design.md 2.3), so tests compare two implementations."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 
 import torch
@@ -125,14 +126,23 @@ def layer_windows(config) -> list[int | None]:
 
 
 def grid_keys(labels_row, valid_row, block_size):
-    """Per position: (0, j) for context token j before the grid, (1, n) inside block n; tuple order = order."""
-    supervised = [lab != -100 for lab in labels_row] if labels_row is not None else list(valid_row)
-    start = next((j for j, s in enumerate(supervised) if s), len(supervised))
-    return [(0, j) if j < start else (1, (j - start) // block_size) for j in range(len(supervised))]
+    """Per position: (first position of its block, supervised?). Every run of supervised tokens starts a fresh
+    grid at its first token; any other token is a block of its own. Tuple order = block order."""
+    supervised = [lab != -100 for lab in labels_row] if labels_row is not None else [bool(v) for v in valid_row]
+    keys = []
+    for j, sup in enumerate(supervised):
+        if not sup:
+            keys.append((j, False))
+            continue
+        run_start = j
+        while run_start > 0 and supervised[run_start - 1]:
+            run_start -= 1
+        keys.append((run_start + (j - run_start) // block_size * block_size, True))
+    return keys
 
 
 def spec_allowed(keys, valid, pos, copies, window):
-    """allowed[q][k] over the layout [x_t^1; ..; x_t^S; x] of one row, straight from DESIGN.md 2.3."""
+    """allowed[q][k] over the layout [x_t^1; ..; x_t^S; x] of one row, straight from docs/design.md 2.3."""
     length = len(keys)
     n = (copies + 1) * length
     allowed = [[False] * n for _ in range(n)]
@@ -222,3 +232,25 @@ def padded_batch(lengths, left=True, seed=0, low=0, high=WORDS):
         sl = slice(width - n, width) if left else slice(0, n)
         ids[r, sl], mask[r, sl] = row, 1
     return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def convert_tiny_checkpoint(path, arch: str = "qwen2"):
+    """Convert a tiny model into the folder ``path`` (weights, code, tokenizer) and return what the in-memory
+    model gives, the reference a reloaded copy must reproduce: ``(ids, logits, sequences, forwards)``."""
+    model, tok = hf_blockdiff.convert_model(source_model(arch), tiny_tokenizer(), block_size=4)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    ids, _ = padded_batch([9, 9], seed=4)
+    with torch.no_grad():
+        logits = model(ids).logits
+    gen = model.generate(ids[:, :5], max_new_tokens=8, block_size=4, threshold=0.5, return_dict_in_generate=True)
+    return ids, logits, gen.sequences, gen.num_forward_passes
+
+
+def weights_digest(model) -> str:
+    """sha256 of every parameter's exact values, in name order."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -23,7 +23,8 @@ PROMPT = 3  # rows 0 and 2 start with a 3-token prompt (labels -100)
 
 
 def layout(mask_token_id, seed=0):
-    """Three rows: no padding + prompt; left padding; right padding + prompt. Random masking of maskable slots."""
+    """Three rows: no padding + prompt + two turns; left padding; right padding + prompt. Random masking of
+    maskable slots."""
     ids, am = padded_batch([12, 9], left=True, seed=seed)
     right_ids, right_am = padded_batch([12, 10], left=False, seed=seed + 1)
     ids, am = torch.cat([ids, right_ids[1:]]), torch.cat([am, right_am[1:]])
@@ -31,13 +32,14 @@ def layout(mask_token_id, seed=0):
     labels[1, 3] = -100  # the first real token of a left-padded row has no predecessor to predict it
     labels[0, :PROMPT] = -100
     labels[2, :PROMPT] = -100
+    labels[0, 7] = -100  # two turns: supervised 3..6, context 7 (e.g. a chat header), supervised 8..11
     g = torch.Generator().manual_seed(seed)
     noisy = ids.clone()
     for r in range(ids.shape[0]):
         keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
         for j in range(1, ids.shape[1]):
-            block_first = keys[j][0] == 1 and keys[j - 1] != keys[j]
-            if keys[j][0] == 1 and not block_first and labels[r, j] != -100 and torch.rand((), generator=g) < 0.6:
+            in_block, block_first = keys[j][1], keys[j][0] == j
+            if in_block and not block_first and labels[r, j] != -100 and torch.rand((), generator=g) < 0.6:
                 noisy[r, j] = mask_token_id
     return ids, am, labels, noisy, positions_from_padding(am)
 
@@ -141,7 +143,7 @@ def test_losses_equal_slow_reference(arch, backend):
     for r in range(ids.shape[0]):
         keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
         valid = am[r].bool().tolist()
-        for key in sorted(set(k for k, v in zip(keys, valid) if v and k[0] == 1)):
+        for key in sorted(set(k for k, v in zip(keys, valid) if v and k[1])):
             members = [j for j, (k, v) in enumerate(zip(keys, valid)) if k == key and v]
             start = members[0]
             with torch.no_grad():
@@ -188,3 +190,28 @@ def test_chunked_loss_equals_direct_loss(monkeypatch):
         results.append((out.loss.detach(), out.certainty_loss.detach(), model.lm_head.weight.grad.clone()))
     for direct, chunked in zip(*results):
         torch.testing.assert_close(chunked, direct, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_padding_to_a_multiple_of_the_block_size_changes_nothing(arch):
+    """Samples are not padded to a multiple of the block size (docs/design.md 2.3): a short last block is the
+    same as one filled with padding, because padding is never a key, a target or masked."""
+    _, model, _ = converted_pair(arch, block_size=BLOCK)
+    ids, am, labels, noisy, _ = layout(model.config.mask_token_id, seed=3)
+    results = []
+    for extra in range(BLOCK + 1):
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, extra), value=value)
+
+        x, x_am, x_labels, x_noisy = pad(ids, PAD), pad(am, 0), pad(labels, -100), pad(noisy, PAD)
+        with torch.no_grad():
+            out = model(input_ids=x, noisy_input_ids=x_noisy, attention_mask=x_am, labels=x_labels, block_size=BLOCK)
+            hidden = hidden_states(model, x, x_am, x_labels, x_noisy, positions_from_padding(x_am))
+        results.append(
+            (out.loss, out.diffusion_loss, out.ar_loss, out.num_masked_tokens, hidden[..., : ids.shape[1], :])
+        )
+    assert results[0][3] > 0
+    for padded in results[1:]:
+        for got, expected in zip(padded, results[0]):
+            torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)

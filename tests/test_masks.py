@@ -24,6 +24,8 @@ def training_layout(copies, block_size, left):
     labels = ids.masked_fill(am == 0, -100)
     labels[0, :4] = -100  # a prompt
     labels[2] = -100  # a row that is all context
+    real = am[1].nonzero().flatten()
+    labels[1, real[4:6]] = -100  # two supervised runs (two assistant turns) with context between them
     return am, labels, positions_from_padding(am)
 
 
@@ -44,13 +46,44 @@ def test_training_mask_equals_spec(copies, block_size, window, left):
 
 
 def test_block_grid_starts_at_first_supervised_token():
-    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
-    labels = torch.tensor([[-100, -100, -100, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, -100, -100]])
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor(
+        [[-100, -100, -100, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, -100, -100], [-100, 1, 2, 3, -100, -100, 4, 5]]
+    )
     blocks, offsets = block_grid(2, am, labels)
-    assert blocks.tolist() == [[-3, -2, -1, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2, 3, 3]]
-    assert offsets.tolist() == [[-1, -1, -1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1]]
+    # Unsupervised tokens (prompt, padding, a user turn) are one-token blocks; each turn restarts the grid.
+    assert blocks.tolist() == [[-3, -2, -1, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2, 3, 4], [-1, 0, 0, 1, 2, 3, 4, 4]]
+    assert offsets.tolist() == [[-1, -1, -1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, -1, -1], [-1, 0, 1, 0, -1, -1, 0, 1]]
     with pytest.raises(ValueError, match="block_size"):
         block_grid(0, am, labels)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5])
+def test_block_grid_equals_brute_force_on_multi_turn_rows(block_size):
+    """Random rows of several supervised runs (turns), padding and context: block ids order the tokens as the
+    loop reference does, every run starts a fresh grid, and the first supervised block is block 0."""
+    g = torch.Generator().manual_seed(block_size)
+    batch, length = 64, 24
+    am = torch.ones(batch, length, dtype=torch.long)
+    for r, pad in enumerate(torch.randint(0, 6, (batch,), generator=g).tolist()):
+        am[r, : pad if r % 2 else 0] = 0  # left padding on odd rows
+        am[r, length - (0 if r % 2 else pad) :] = 0  # right padding on even rows
+    supervised = torch.rand(batch, length, generator=g) < 0.6
+    labels = torch.where(supervised & am.bool(), 7, -100)
+    labels[0], labels[1] = -100, 7  # all context; all supervised
+    blocks, offsets = block_grid(block_size, am, labels)
+    for r in range(batch):
+        keys = grid_keys(labels[r].tolist(), am[r].tolist(), block_size)
+        ids = blocks[r].tolist()
+        for i in range(length):
+            for j in range(length):
+                assert (ids[i] < ids[j]) == (keys[i] < keys[j]) and (ids[i] == ids[j]) == (keys[i] == keys[j])
+        assert offsets[r].tolist() == [j - k[0] if k[1] else -1 for j, k in enumerate(keys)]
+        first = next((j for j, k in enumerate(keys) if k[1]), None)
+        if first is not None:
+            assert ids[first] == 0 and all(b < 0 for b in ids[:first])
+        else:
+            assert max(ids) < 0
 
 
 @pytest.mark.parametrize("window", [None, 2])

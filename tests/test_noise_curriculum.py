@@ -51,6 +51,21 @@ def test_mask_rate_tracks_t():
     assert abs(noise.masked_fraction - 0.6) < 0.03  # E[t] = (1 + eps) / 2
 
 
+def test_one_noise_level_per_block_and_none_for_context_in_multi_turn_rows():
+    ids, am, labels = sft_batch()
+    labels[0, 20:25] = -100  # a user turn between two assistant turns
+    labels[1, 10:12] = -100
+    noise = NoiseSampler(MASK)(ids, am, labels, 4, generator=torch.Generator().manual_seed(1))
+    blocks, offsets = block_grid(4, am, labels)
+    t = noise.noise_level
+    assert (t[offsets < 0] == 0).all() and (t[offsets >= 0] > 0).all()
+    levels = {}
+    for r, b, level in zip(*torch.nonzero(offsets >= 0, as_tuple=True), t[offsets >= 0].tolist()):
+        levels.setdefault((r.item(), blocks[r, b].item()), set()).add(level)
+    assert all(len(v) == 1 for v in levels.values())  # one t per block
+    assert len({next(iter(v)) for v in levels.values()}) == len(levels)  # drawn independently per block
+
+
 def test_complementary_copies_cover_every_maskable_position_once():
     ids, am, labels = sft_batch()
     noise = NoiseSampler(MASK, complementary=True, elbo_weighting=True)(ids, am, labels, 4)

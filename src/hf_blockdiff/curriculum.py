@@ -1,5 +1,5 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
-"""Gradual block growth (DESIGN.md 2.4): start as the AR model (block size 1) and double up to ``b_max``.
+"""Gradual block growth (docs/design.md 2.4): start as the AR model (block size 1) and double up to ``b_max``.
 
     b(s) = min(b_max, b0 * r ** floor(max(0, s - s0) / interval))
 

@@ -12,6 +12,9 @@ token trajectories (``input_ids``, ``labels`` with the prompt masked), so no re-
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -39,6 +42,35 @@ def prompts_from(dataset: Dataset) -> list:
                 prompts.append(head)
         return prompts
     raise ValueError("Self-distillation needs prompts: a 'prompt' or 'messages' column in the dataset.")
+
+
+def weights_fingerprint(model, samples: int = 256) -> str:
+    """A cheap checksum of the weights: name, shape, dtype and ``samples`` evenly strided values of every
+    parameter (exact bytes, so the same on any device). Any training or a different checkpoint changes it."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)][:samples]
+        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        digest.update(picked.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model, tokenizer, prompts: list, **settings) -> str:
+    """Key of a set of self-distillation targets: which model decodes them (``name_or_path``, config without the
+    block size a growth schedule changes, weights fingerprint), the tokenizer that encodes the prompts, the
+    prompts themselves and the decoding ``settings``. Any change gives a new key, so targets are never reused
+    for another model."""
+    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in ("block_size", "transformers_version")}
+    identity = {
+        "model": getattr(model.config, "_name_or_path", "") or "",
+        "config": config,
+        "weights": weights_fingerprint(model),
+        "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.chat_template],
+        "prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest(),
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:

@@ -176,23 +176,31 @@ def render_masks(config, meta: TokenMeta, q_offset: int, q_len: int, dtype, per_
 
 
 def block_grid(block_size: int, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-    """Block index and in-block offset of every token, two ``(batch, length)`` tensors.
+    """Block index and in-block offset of every token, two ``(batch, length)`` tensors (docs/design.md 2.3).
 
-    The block grid starts at the first supervised token (first ``labels != -100``; the first real token when
-    no labels are given), as at inference where block 0 starts right after the prompt. Tokens before it are
-    context: each gets its own negative block id, so the noisy copy of a context token sees exactly what its
-    clean copy sees, and offset -1. Offset 0 marks a block-first token. Blocks need not align across rows.
+    Blocks start where inference would start them: every contiguous run of supervised tokens
+    (``labels != -100``; the real tokens when no labels are given) starts a fresh grid at its first token, as
+    block 0 starts right after the prompt and each assistant turn of a conversation starts after its history.
+    Tokens outside the runs are context: each is a one-token block of its own, so the noisy copy of a context
+    token sees exactly what its clean copy sees; their offset is -1. Offset 0 marks a block-first token.
+
+    Block ids increase along the row (the mask compares them: a noisy block sees clean keys of smaller ids) and
+    are shifted so that the first supervised block is 0: context before it has negative ids. Blocks need not
+    align across rows.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     supervised = attention_mask.bool() if labels is None else (labels != IGNORE_INDEX)
     length = supervised.shape[1]
-    index = torch.arange(length, device=supervised.device)
-    start = torch.where(supervised, index, length).min(dim=1).values  # `length` when the row is all context
-    rel = index.unsqueeze(0) - start.unsqueeze(1)
-    blocks = torch.where(rel >= 0, torch.div(rel, block_size, rounding_mode="floor"), rel)
-    offsets = torch.where(rel >= 0, rel % block_size, -1)
-    return blocks, offsets
+    index = torch.arange(length, device=supervised.device).expand_as(supervised)
+    run_start = supervised & ~torch.nn.functional.pad(supervised[:, :-1], (1, 0), value=False)
+    rel = index - torch.where(run_start, index, 0).cummax(dim=1).values  # distance to the run's first token
+    offsets = torch.where(supervised, rel % block_size, -1)
+    unit_first = offsets <= 0  # first token of a block, or a context token (a block of its own)
+    units = unit_first.long().cumsum(dim=1) - 1
+    # Units before the first supervised token; all of them when the row is context only.
+    first = torch.where(supervised, units, units[:, -1:] + 1).min(dim=1, keepdim=True).values
+    return units - first, offsets
 
 
 def positions_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:

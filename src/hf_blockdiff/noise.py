@@ -1,5 +1,5 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
-"""Noise for training (DESIGN.md 2.3): which positions of ``x`` become the mask token in ``x_t``.
+"""Noise for training (docs/design.md 2.3): which positions of ``x`` become the mask token in ``x_t``.
 
 Per block, a noise level ``t ~ U(eps, 1)``; each maskable position of the block is masked independently with
 probability ``t``. Maskable = supervised (label != -100) and not the first token of its block; the prompt,
@@ -57,7 +57,7 @@ class NoiseSampler:
         t_blocks = self.eps + (high - self.eps) * torch.rand(
             batch, num_blocks, device=input_ids.device, generator=generator
         )
-        t = torch.where(blocks >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)
+        t = torch.where(offsets >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)  # context: 0
         masked = maskable & (torch.rand(t.shape, device=t.device, generator=generator) < t)
 
         noisy = input_ids.masked_fill(masked, self.mask_token_id)

@@ -1,6 +1,6 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
 """Adaptation training: :class:`BlockDiffusionConfig` (a ``trl.SFTConfig``) and :class:`BlockDiffusionTrainer`
-(a ``trl.SFTTrainer``) for the combined diffusion + AR loss with gradual block growth (DESIGN.md 2.3-2.4).
+(a ``trl.SFTTrainer``) for the combined diffusion + AR loss with gradual block growth (docs/design.md 2.3-2.4).
 
 Everything SFTTrainer does still applies: plain-text, conversational and prompt-completion datasets, chat
 templates, completion-only loss, ``peft_config``, accelerate/DDP/FSDP. The trainer only samples the noise and
@@ -234,30 +234,32 @@ class BlockDiffusionTrainer(SFTTrainer):
 
 
 def self_distillation_dataset(model, tokenizer, dataset, args: BlockDiffusionConfig):
-    """The dataset's prompts decoded by ``model`` at block size 1, cached under ``output_dir/self_distillation``
-    (the main process decodes; the others wait and load)."""
+    """The dataset's prompts decoded by ``model`` at block size 1, cached under
+    ``output_dir/self_distillation/<key>`` where the key names the model, its weights, the prompts and the
+    settings (``distill.cache_key``). The main process decodes; the others wait and load."""
     from accelerate import PartialState
     from datasets import load_from_disk
 
-    from .distill import ar_targets, prompts_from
+    from .distill import ar_targets, cache_key, prompts_from
 
+    prompts = prompts_from(dataset)
     settings = {"max_new_tokens": args.distillation_max_new_tokens, "temperature": args.distillation_temperature,
-                "samples": args.distillation_samples, "prompts": len(dataset), "seed": args.seed}  # fmt: skip
-    cache = Path(args.output_dir) / "self_distillation"
+                "samples": args.distillation_samples, "seed": args.seed}  # fmt: skip
+    cache = Path(args.output_dir) / "self_distillation" / cache_key(model, tokenizer, prompts, **settings)
     with PartialState().main_process_first():
-        if (cache / "settings.json").is_file() and json.loads((cache / "settings.json").read_text()) == settings:
+        if (cache / "settings.json").is_file():  # written last: the targets are complete
             return load_from_disk(str(cache / "data"))
         device = model.device
         model.to(args.device)
         targets = ar_targets(
-            model, tokenizer, prompts_from(dataset), max_new_tokens=args.distillation_max_new_tokens,
+            model, tokenizer, prompts, max_new_tokens=args.distillation_max_new_tokens,
             batch_size=args.distillation_batch_size, samples_per_prompt=args.distillation_samples,
             temperature=args.distillation_temperature, seed=args.seed,
         )  # fmt: skip
         model.to(device)
         if PartialState().is_main_process:
             targets.save_to_disk(str(cache / "data"))
-            (cache / "settings.json").write_text(json.dumps(settings))
+            (cache / "settings.json").write_text(json.dumps(settings | {"model": model.config._name_or_path}))
         return targets
 
 
