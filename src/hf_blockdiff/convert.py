@@ -241,6 +241,7 @@ def save_atomically(dst: Path, write, overwrite: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         if dst.exists():
             if any(dst.iterdir()) and not overwrite:
                 raise FileExistsError(f"Destination {dst} became non-empty while writing; nothing was replaced.")
@@ -256,6 +257,16 @@ def save_atomically(dst: Path, write, overwrite: bool = False) -> Path:
     return dst
 
 
+def apply_umask(root: Path):
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would (0777/0666 less the
+    user's umask): ``mkdtemp`` makes private folders and safetensors writes weights as ``rw-------``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_block_diffusion(model, tokenizer, directory, card_info: dict | None = None):
     """Write the complete folder layout: safetensors weights, config with ``auto_map``, the portable code files,
     tokenizer, ``generation_config.json`` and the model card ``README.md``."""
@@ -265,6 +276,7 @@ def save_block_diffusion(model, tokenizer, directory, card_info: dict | None = N
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     write_model_card(directory, model.config, **(card_info or {}))
+    apply_umask(directory)
 
 
 VALIDATE_SCRIPT = r"""
