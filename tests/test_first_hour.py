@@ -232,3 +232,14 @@ def test_converted_folder_modes_follow_the_umask(converted, umask, tmp_path, cap
     assert dst.stat().st_mode & 0o777 == 0o777 & ~umask
     modes = {p.name: p.stat().st_mode & 0o777 for p in dst.iterdir()}
     assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. on CPU, generate defaults to the setting measured fastest there (README: Speed on CPU)
+
+
+def test_cpu_generate_defaults_to_block_size_1_unless_block_settings_are_given(converted, capsys):
+    code, _, err = run(["generate", converted, "w1 w2", "--max-new-tokens", "6", "--device", "cpu"], capsys)
+    assert code == 0 and f"block size {cli.CPU_BLOCK_SIZE}]" in err and "[CPU: block size 1" in err
+    code, _, err = run(["generate", converted, "w1 w2", "--max-new-tokens", "6", "--threshold", "0.5"], capsys)
+    assert code == 0 and "block size 4]" in err and "[CPU:" not in err  # the folder's own default (convert: 4)
