@@ -169,6 +169,22 @@ def test_lora_on_tied_embeddings_warns_nothing_and_trains_the_tied_row(tmp_path,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 5. pipelines accept a converted model without listing every supported class
+
+
+@pytest.mark.xfail(strict=True, reason="needs the modeling_blockdiff.py patch of issue 15 (pipeline registration)")
+def test_text_generation_pipeline_accepts_the_model_quietly(caplog):
+    from transformers import pipeline
+
+    import hf_blockdiff
+
+    model, tok = hf_blockdiff.convert_model(source_model("llama"), tiny_tokenizer(), block_size=4)
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    assert "is not supported for text-generation" not in caplog.text
+    assert pipe("w1 w2 w3", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("w1 w2 w3")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 6. errors: early, one line, naming the file or field
 
 
