@@ -35,7 +35,12 @@ def parse(dataclasses):
 
 
 def datasets(script_args, seed):
-    data = load_named_dataset(script_args.dataset).shuffle(seed=seed)
+    """(train, eval or None); a missing dataset package ends the script with one line saying what to install."""
+    try:
+        data = load_named_dataset(script_args.dataset)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    data = data.shuffle(seed=seed)
     if script_args.max_train_samples:
         data = data.select(range(min(script_args.max_train_samples + script_args.eval_size, len(data))))
     if script_args.eval_size:
@@ -45,9 +50,9 @@ def datasets(script_args, seed):
 
 
 def main(script_args, args):
+    train, evaluation = datasets(script_args, args.seed)  # first: it fails faster than the model loads
     model, tokenizer = load_source(script_args.model, dtype="bfloat16" if args.bf16 else None)
     model, tokenizer = convert_model(model, tokenizer, block_size=args.block_size, mask_token=args.mask_token)
-    train, evaluation = datasets(script_args, args.seed)
     trainer = BlockDiffusionTrainer(
         model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )

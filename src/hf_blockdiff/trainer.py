@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging
+from transformers.utils import is_torch_bf16_gpu_available, logging
 from trl import SFTConfig, SFTTrainer
 
 from .convert import convert_model
@@ -70,6 +70,8 @@ class BlockDiffusionConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None:  # TRL turns bf16 on everywhere, which Trainer then refuses on a CPU-only machine
+            self.bf16 = not self.fp16 and not self.use_cpu and is_torch_bf16_gpu_available()
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}.")
         if self.ar_loss_weight < 0:
@@ -109,7 +111,9 @@ class BlockDiffusionTrainer(SFTTrainer):
             model, processing_class = convert_model(model, processing_class, args.block_size, args.mask_token)
         self.mask_token_id = model.config.mask_token_id
         if args.self_distillation:
-            train_dataset = self_distillation_dataset(model, processing_class, train_dataset, args)
+            train_dataset = self_distillation_dataset(
+                model, processing_class, examples_for_run(train_dataset, args), args
+            )
         if peft_config is not None:
             _train_mask_row(model, peft_config, self.mask_token_id)
 
@@ -233,6 +237,25 @@ class BlockDiffusionTrainer(SFTTrainer):
         write_model_card(directory, config, **info)
 
 
+def examples_for_run(dataset, args: BlockDiffusionConfig):
+    """The first examples of ``dataset`` that a run with ``max_steps`` will read (all of them without
+    max_steps): max_steps x per-device batch x gradient accumulation x processes, divided by the samples drawn
+    per prompt. Self-distillation decodes only these, not a whole dataset the run will never reach."""
+    if args.max_steps <= 0:
+        return dataset
+    needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if args.distillation_temperature > 0:
+        needed = -(-needed // args.distillation_samples)
+    if needed >= len(dataset):
+        return dataset
+    logger.warning(
+        f"Self-distillation decodes the {needed} of {len(dataset)} examples that max_steps={args.max_steps} will use "
+        f"(max_steps x {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
+        f"accumulation x {args.world_size} processes), up to {args.distillation_max_new_tokens} tokens each."
+    )
+    return dataset.select(range(needed))
+
+
 def self_distillation_dataset(model, tokenizer, dataset, args: BlockDiffusionConfig):
     """The dataset's prompts decoded by ``model`` at block size 1, cached under
     ``output_dir/self_distillation/<key>`` where the key names the model, its weights, the prompts and the
@@ -276,7 +299,11 @@ def _train_mask_row(model, peft_config, mask_token_id: int):
     if mask_token_id not in indices[name]:
         indices[name].append(mask_token_id)
     peft_config.trainable_token_indices = indices
-    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and hasattr(
-        peft_config, "ensure_weight_tying"
-    ):
+    # PEFT ties trainable token rows of tied embeddings by itself. Its ensure_weight_tying flag is about tied
+    # layers in target_modules / modules_to_save, and warns when there are none; set it only for those.
+    targets = set(getattr(peft_config, "modules_to_save", None) or [])
+    if not isinstance(peft_config.target_modules, str):
+        targets |= set(peft_config.target_modules or [])
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if tied and name in {t.split(".")[-1] for t in targets} and hasattr(peft_config, "ensure_weight_tying"):
         peft_config.ensure_weight_tying = True
