@@ -119,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--shape", default=None, help="random weights of a named shape instead of --model")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--settings", nargs="+", default=["16:0.9", "16:0.5", "1:1.0"],
-                        help="block_size:threshold pairs for our decoder")  # fmt: skip
+                        help="block_size:threshold[:eager] for our decoder (eager: compile_step=False)")  # fmt: skip
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 4096])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -143,9 +143,10 @@ def main(argv=None):
             "HF static": run_hf(source, inputs, eos, True, timed),
         }
         for setting in args.settings:
-            size, threshold = setting.split(":")
-            results[f"ours b={size} thr {threshold}"] = run_ours(model, inputs, eos, timed, block_size=int(size),
-                                                                 threshold=float(threshold))  # fmt: skip
+            size, threshold, *eager = setting.split(":")
+            name = f"ours b={size} thr {threshold}" + (" uncompiled" if eager else "")
+            results[name] = run_ours(model, inputs, eos, timed, block_size=int(size), threshold=float(threshold),
+                                     compile_step=not eager)  # fmt: skip
         static_tps = results["HF static"]["tokens"] / results["HF static"]["ms"] * 1000
         for name, r in results.items():
             tps = r["tokens"] / r["ms"] * 1000

@@ -172,7 +172,6 @@ def test_lora_on_tied_embeddings_warns_nothing_and_trains_the_tied_row(tmp_path,
 # 5. pipelines accept a converted model without listing every supported class
 
 
-@pytest.mark.xfail(strict=True, reason="needs the modeling_blockdiff.py patch of issue 15 (pipeline registration)")
 def test_text_generation_pipeline_accepts_the_model_quietly(caplog):
     from transformers import pipeline
 

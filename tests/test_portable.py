@@ -16,8 +16,8 @@ from helpers import convert_tiny_checkpoint, padded_batch, source_model, tiny_to
 
 import hf_blockdiff
 
-PORTABLE = ("modeling_blockdiff.py", "masks.py", "denoise.py")
-ALLOWED_TOP_LEVEL = {"torch", "transformers", "__future__", "copy", "dataclasses", "math", "typing"}
+PORTABLE = ("modeling_blockdiff.py", "masks.py", "denoise.py", "engine.py", "policies.py", "compat.py")
+ALLOWED_TOP_LEVEL = {"torch", "transformers", *sys.stdlib_module_names}  # the standard library is everywhere
 
 LOAD_SCRIPT = r"""
 import json, sys

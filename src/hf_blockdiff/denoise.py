@@ -42,7 +42,8 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_THRESHOLD = 0.9
 # generate() kwargs (and generation_config attributes) that belong to block diffusion
-BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard", "use_cuda_graph")
+BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard", "use_cuda_graph",
+                  "compile_step")  # fmt: skip
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
 UNSUPPORTED = (
     "inputs_embeds",
@@ -96,6 +97,7 @@ class DenoisePolicy:
     stop_strings: list[str] | None = None
     repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
     use_cuda_graph: bool | None = None  # None: on CUDA
+    compile_step: bool | None = None  # torch.compile the captured step (None: whenever a CUDA graph is used)
 
     def commit_rule(self, rows: int, device) -> AnyOf | Threshold | FixedSteps | RepeatGuard:
         """The commit rule these settings describe, with per-row tensors for ``rows`` rows."""
@@ -191,6 +193,7 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         stop_strings=[gc.stop_strings] if isinstance(gc.stop_strings, str) else gc.stop_strings,
         repeat_guard=bool(setting("repeat_guard", False)),
         use_cuda_graph=block_kwargs.get("use_cuda_graph", getattr(gc, "use_cuda_graph", None)),
+        compile_step=block_kwargs.get("compile_step", getattr(gc, "compile_step", None)),
     )
 
 
@@ -342,7 +345,7 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
-           policy.use_cuda_graph, structure_of((rule, sampling)), hash(weights))  # fmt: skip
+           policy.use_cuda_graph, policy.compile_step, structure_of((rule, sampling)), hash(weights))  # fmt: skip
     holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
     engine = holder.engine
     if engine is not None and engine.key == key:
@@ -353,7 +356,8 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     holder.engine = None  # free the old cache before allocating the new one
     engine = DecodeEngine(model, rows=rows, max_length=length, block_size=policy.block_size, rule=rule,
                           sampling=sampling, confidence=policy.confidence, eos_token_ids=policy.eos_token_ids,
-                          pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph)  # fmt: skip
+                          pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph,
+                          compile_step=policy.compile_step)  # fmt: skip
     engine.key = key
     holder.engine = engine
     return engine

@@ -97,11 +97,14 @@ class DecodeEngine:
         confidence: 'probability' | 'margin' | 'entropy'.
         eos_token_ids, pad_token_id: the stop tokens; padding fills a block after its EOS.
         use_cuda_graph: capture the step on CUDA (falls back to eager, with the reason logged, if capture fails).
+        compile_step: ``torch.compile`` the step before capturing it (CUDA graphs only; None: whenever a graph is
+            captured). Fused kernels make a step about 1.9x faster on SmolLM2 (benchmarks/results); compiling
+            takes seconds once per engine, and fused kernels may round differently from eager ones.
     """
 
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
-                 use_cuda_graph: bool | None = None):  # fmt: skip
+                 use_cuda_graph: bool | None = None, compile_step: bool | None = None):  # fmt: skip
         self.model, self.rows, self.block_size = model, rows, block_size
         self.rule, self.sampling, self.measure = rule, sampling, confidence
         self.mask_token_id = getattr(model.config, "mask_token_id", None)
@@ -146,6 +149,8 @@ class DecodeEngine:
         self.slots = [Slot() for _ in range(rows)]
         self._graph = None
         self._use_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        self._compiled = bool(self._use_graph and (compile_step is None or compile_step))
+        self._body = torch.compile(self._step_body, dynamic=False) if self._compiled else self._step_body
         self._index = torch.arange(block_size, device=device)
         self.key = None  # set by whoever caches the engine for reuse (generate())
 
@@ -231,21 +236,26 @@ class DecodeEngine:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: lazy initialisation must not happen during capture
-                    self._step_body()
+                for _ in range(2):  # warm-up (and compilation): lazy initialisation must not happen during capture
+                    self._body()
                     self._restore(saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step_body()
+                self._body()
             self._restore(saved)  # capture records the work without doing it; the state must not move either way
             self._graph = graph
         except Exception as error:  # capture is an optimisation: never a reason to fail or differ
-            logger.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly.")
-            self._use_graph, self._graph = False, None
             if saved is not None:
                 torch.cuda.synchronize()
                 self._restore(saved)
+            if self._compiled:
+                logger.warning(f"Compiling the decode step failed ({type(error).__name__}: {error}); capturing it "
+                               "uncompiled.")  # fmt: skip
+                self._compiled, self._body = False, self._step_body
+                return self._capture()
+            logger.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly.")
+            self._use_graph, self._graph = False, None
 
     _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
               "ended", "finished")  # fmt: skip

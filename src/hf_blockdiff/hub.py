@@ -20,6 +20,9 @@ REQUIRED_FILES = (
     "modeling_blockdiff.py",
     "masks.py",
     "denoise.py",
+    "engine.py",
+    "policies.py",
+    "compat.py",
 )
 
 

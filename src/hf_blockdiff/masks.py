@@ -1,5 +1,5 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
-"""Context-causal attention masks (DESIGN.md 2.1, 2.3): the one module that owns them.
+"""Context-causal attention masks (docs/design.md 2.1, 2.3): the one module that owns them.
 
 Hub-portable: imports only torch and transformers.
 

@@ -7,7 +7,7 @@ the weights (``auto_map`` points here), so a converted checkpoint loads with ``t
 
 - A plain call is the stock causal-LM forward: at block size 1 the model *is* the AR model.
 - ``model(input_ids=x, noisy_input_ids=x_t, labels=..., block_size=b)`` runs the two-stream training pass of
-  DESIGN.md 2.3 in one forward and returns ``loss``, ``diffusion_loss`` and ``ar_loss``.
+  docs/design.md 2.3 in one forward and returns ``loss``, ``diffusion_loss`` and ``ar_loss``.
 - ``model.generate(...)`` decodes block by block (see ``denoise.py``).
 
 Adding an architecture: one line in ``ARCHITECTURES`` (its modeling module, its stock class, and whether its base
@@ -110,7 +110,7 @@ class BlockDiffusionMixin:
         r"""
         Without ``noisy_input_ids`` this is the stock causal-LM forward (all its arguments pass through).
 
-        With them, the two-stream training pass (DESIGN.md 2.3):
+        With them, the two-stream training pass (docs/design.md 2.3):
 
         noisy_input_ids (``(batch, length)`` or ``(batch, copies, length)``):
             ``x_t``: copies of ``input_ids`` with some positions replaced by ``config.mask_token_id``. Several
@@ -314,7 +314,17 @@ def _build_class(arch: Architecture) -> type:
         arch.class_name, (BlockDiffusionMixin, stock), {"__module__": __name__, "__qualname__": arch.class_name}
     )
     cls._mask_per_layer_type = arch.per_layer_type
+    _list_for_text_generation(cls)
     return cls
+
+
+def _list_for_text_generation(cls):
+    """``pipeline("text-generation")`` checks the model's class *name* against MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    and otherwise logs an error listing every causal LM. List ours under a key that is no ``model_type``: the
+    auto classes look entries up by model_type, so a stock config still loads its stock class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(f"hf_blockdiff:{cls.__name__}", cls.__name__)
 
 
 def block_diffusion_class(config_or_model_type) -> type:
