@@ -136,6 +136,16 @@ def main(argv=None):
         return time_fn(fn, warmup=1, repeats=args.repeats) if cuda else time_fn(fn, warmup=0, repeats=1)
 
     rows = []
+    what = f"random {args.shape}" if args.shape else f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
+
+    def save_rows():  # after every group, so a run cut short by a time limit still leaves its table
+        save(args.out, f"Decode engine vs HF generate: {what}, {NEW_TOKENS} new tokens, greedy", rows,
+             notes="tok/s counts each row's tokens up to its EOS. HF static is transformers' compiled static-cache "
+                   "decode. ms/forward: ours per engine step (one forward serves every row still decoding), HF per "
+                   "decode step. tpf: tokens per forward, per row (mean) and for the batch (tokens / row-forwards). "
+                   "Command: python benchmarks/bench_engine.py " + " ".join(argv or sys.argv[1:]),
+             columns=["batch", "decoder", "tok/s", "ms/forward", "tpf row", "tpf batch", "vs HF static"])  # fmt: skip
+
     for batch in args.batches:
         inputs = batch_inputs(tokenizer, batch, args.device, vocab)
         results = {
@@ -153,6 +163,7 @@ def main(argv=None):
             rows.append({"batch": batch, "decoder": name, "tok/s": tps, "ms/forward": r["ms"] / r["forwards"],
                          "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"], "vs HF static": tps / static_tps})  # fmt: skip
             print(rows[-1], flush=True)
+        save_rows()
 
     for context in args.contexts:
         inputs = batch_inputs(None, 1, args.device, vocab, context=context)
@@ -165,14 +176,7 @@ def main(argv=None):
             rows.append({"batch": 1, "decoder": f"{name}, context {context}", "ms/forward": r["ms"] / r["forwards"],
                          "tpf row": r["tpf_row"], "tok/s": r["tokens"] / r["ms"] * 1000})  # fmt: skip
             print(rows[-1], flush=True)
-
-    what = f"random {args.shape}" if args.shape else f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
-    save(args.out, f"Decode engine vs HF generate: {what}, {NEW_TOKENS} new tokens, greedy", rows,
-         notes="tok/s counts each row's tokens up to its EOS. HF static is transformers' compiled static-cache "
-               "decode. ms/forward: ours per engine step (one forward serves every row still decoding), HF per "
-               "decode step. tpf: tokens per forward, per row (mean) and for the batch (tokens / row-forwards). "
-               "Command: python benchmarks/bench_engine.py " + " ".join(argv or sys.argv[1:]),
-         columns=["batch", "decoder", "tok/s", "ms/forward", "tpf row", "tpf batch", "vs HF static"])  # fmt: skip
+        save_rows()
 
 
 if __name__ == "__main__":
