@@ -27,6 +27,16 @@ def runs(row):
     return [(s, next(e for e in range(s, len(supervised)) if not supervised[e])) for s in starts]
 
 
+def assistant_mask(tok, ids):
+    """1 from the token after each `<assistant>` through its `<eos>`."""
+    start, end = tok.convert_tokens_to_ids(["<assistant>", "<eos>"])
+    mask, inside = [], False
+    for token in ids:
+        mask.append(int(inside))
+        inside = token == start or (inside and token != end)
+    return mask
+
+
 def test_every_assistant_turn_starts_a_block_and_context_between_turns_is_never_masked(tmp_path):
     tok = tiny_tokenizer()
     tok.chat_template = TEMPLATE
@@ -40,6 +50,14 @@ def test_every_assistant_turn_starts_a_block_and_context_between_turns_is_never_
                                 save_strategy="no", max_length=64, dataloader_num_workers=0)  # fmt: skip
     trainer = BlockDiffusionTrainer(source_model("llama"), args=args, processing_class=tok,
                                     train_dataset=Dataset.from_dict({"messages": conversations}))  # fmt: skip
+
+    # Labels rebuilt from the tokens: transformers 5.17's return_assistant_tokens_mask marks everything from the
+    # first assistant turn on, user turns included (fixed in later releases).
+    def relabel(example):
+        mask = assistant_mask(tok, example["input_ids"])
+        return {"labels": [t if m else -100 for t, m in zip(example["input_ids"], mask)]}
+
+    trainer.train_dataset = trainer.train_dataset.map(relabel)
     batch = next(iter(trainer.get_train_dataloader()))
     ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     blocks, offsets = block_grid(4, am, labels)
