@@ -80,6 +80,16 @@ def test_convert_then_generate_tiny(tiny_source, tmp_path, capsys):
     assert code == 0, err
     assert out.strip() and "tokens per forward" in err  # a random model may sample EOS first: min-new-tokens
 
+    # --verify prints exactly the block-size-1 text
+    texts = []
+    for flags in (["--block-size", "1"], ["--verify"]):
+        code, out, err = run(["generate", dst, "w1 w2 w3", "--max-new-tokens", "9", *flags], capsys)
+        assert code == 0, err
+        texts.append(out)
+    assert texts[0] == texts[1]
+    code, _, err = run(["generate", dst, "w1", "--verify", "--do-sample"], capsys)
+    assert code == 1 and "--verify" in err and "hint:" in err
+
 
 def test_interactive_chat_keeps_the_conversation(tiny_source, tmp_path, capsys, monkeypatch):
     dst = tmp_path / "bd"

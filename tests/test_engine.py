@@ -250,3 +250,52 @@ def test_generate_reuses_its_engine_and_takes_new_settings():
     model.float()
     model.generate(ids, threshold=0.9, **kwargs)
     assert model._blockdiff_engine.engine is not engine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "mistral"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_verified_decoding_is_block_size_1_decoding(arch, block_size):
+    """verify=True: each block is drafted in one step and cut at the first token the causal logits disagree with.
+    A left-padded batch with stop tokens and min_new_tokens gives the block-size-1 output token for token, and
+    every row pays a draft and a verifying forward per block (counted in its forwards)."""
+    model = pair(arch, block_size)
+    ids, am = padded_batch([7, 3, 5], seed=11)
+    kwargs = dict(attention_mask=am, max_new_tokens=21, eos_token_id=RARE_STOPS, pad_token_id=PAD, min_new_tokens=2,
+                  return_dict_in_generate=True)  # fmt: skip
+    ar = model.generate(ids, block_size=1, **kwargs)
+    verified = model.generate(ids, block_size=block_size, verify=True, **kwargs)
+    assert torch.equal(verified.sequences, ar.sequences)
+    assert torch.equal(verified.num_generated_tokens, ar.num_generated_tokens)
+    assert (verified.row_forward_passes >= 1 + 2 * (ar.num_generated_tokens - 1) / block_size).all()
+    assert (verified.committed_at[verified.committed_at >= 0] <= verified.row_forward_passes.max()).all()
+
+
+def test_verifying_and_threshold_rows_share_a_batch():
+    """One engine serves a verifying request next to a threshold request: each decodes as it would alone."""
+    model = pair("qwen2", 8)
+    prompts = prompts_of([6, 4], seed=3)
+    rule, sampling = rule_for("threshold", 0.5, 2), sampling_for(2)
+    engine = DecodeEngine(model, 2, 40, 8, rule, sampling, eos_token_ids=RARE_STOPS, pad_token_id=PAD)
+    tokens = {0: [], 1: []}
+    events = engine.add(prompts, [0, 1], MAX_NEW, verify=[True, False])
+    while True:
+        for row, new, _, _ in events:
+            tokens[row] += new
+        if not any(s.busy for s in engine.slots):
+            break
+        events = engine.step()
+    ids = torch.tensor([prompts[0]], device=DEVICE)
+    alone = model.generate(ids, block_size=1, max_new_tokens=MAX_NEW, eos_token_id=RARE_STOPS, pad_token_id=PAD)
+    assert tokens[0] == alone[0, len(prompts[0]) :].tolist()[: len(tokens[0])]
+    assert len(tokens[0]) == MAX_NEW or tokens[0][-1] in RARE_STOPS
+    expected, _, _ = reference_generate(model, prompts[1], max_new=MAX_NEW, block_size=8, width=8,
+                                        rule=rule_for("threshold", 0.5, 1), eos=RARE_STOPS)  # fmt: skip
+    assert tokens[1] == expected
+
+
+@pytest.mark.parametrize("settings", [dict(block_size=1), dict(block_size=4, do_sample=True)])
+def test_verify_refuses_what_it_cannot_keep_exact(settings):
+    model = pair("llama", 4)
+    ids, _ = padded_batch([5], seed=1)
+    with pytest.raises(ValueError, match="verify=True"):
+        model.generate(ids, verify=True, max_new_tokens=4, **settings)

@@ -148,6 +148,9 @@ def check_generate_args(args):
         raise CLIError("No prompt given.", "Pass a PROMPT, or --chat for an interactive session.")
     if args.adapter:
         resolve_adapter(args.adapter)
+    if args.verify and (args.do_sample or args.block_size == 1):
+        raise CLIError("--verify keeps exactly the greedy block-size-1 output.",
+                       "Drop --do-sample, and use a --block-size of at least 2 (or none: the model's own).")  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -167,10 +170,11 @@ def cmd_generate(args) -> int:
         "top_p",
         "min_new_tokens",
         "repeat_guard",
+        "verify",
     ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if model.device.type == "cpu" and not {"block_size", "threshold", "steps_per_block"} & set(settings):
+    if model.device.type == "cpu" and not {"block_size", "threshold", "steps_per_block", "verify"} & set(settings):
         settings["block_size"] = CPU_BLOCK_SIZE
         print(f"[CPU: block size {CPU_BLOCK_SIZE}, the fastest here for now (README: Speed on CPU); "
               "--block-size 16 --threshold 0.9 decodes in parallel]", file=sys.stderr)  # fmt: skip
@@ -361,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="hold back a threshold commit that repeats an adjacent, still-masked proposal",
+    )
+    gen.add_argument(
+        "--verify",
+        action="store_true",
+        default=None,
+        help="lossless: draft each block in one step, keep what the causal logits agree with (greedy only; the "
+        "output equals --block-size 1)",
     )
     gen.add_argument("--max-new-tokens", type=at_least(1), default=128)
     gen.add_argument("--min-new-tokens", type=at_least(0), help="suppress EOS until this many tokens were generated")

@@ -43,7 +43,7 @@ logger = logging.get_logger(__name__)
 DEFAULT_THRESHOLD = 0.9
 # generate() kwargs (and generation_config attributes) that belong to block diffusion
 BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard", "use_cuda_graph",
-                  "compile_step")  # fmt: skip
+                  "compile_step", "verify")  # fmt: skip
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
 UNSUPPORTED = (
     "inputs_embeds",
@@ -97,6 +97,7 @@ class DenoisePolicy:
     stop_strings: list[str] | None = None
     repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
     use_cuda_graph: bool | None = None  # None: on CUDA
+    verify: bool = False  # draft each block in one step, keep what the causal logits agree with (lossless)
     compile_step: bool | None = None  # torch.compile the captured step (None: whenever a CUDA graph is used)
 
     def commit_rule(self, rows: int, device) -> AnyOf | Threshold | FixedSteps | RepeatGuard:
@@ -175,7 +176,14 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
     if pad_token_id is None:
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     do_sample = bool(gc.do_sample) and (gc.temperature is None or gc.temperature > 0)
+    verify = bool(setting("verify", False))
+    if verify and (do_sample or block_size < 2):
+        raise ValueError(
+            "verify=True keeps exactly the greedy block-size-1 output, so it needs do_sample=False and "
+            f"block_size >= 2 (got do_sample={do_sample}, block_size={block_size})."
+        )
     return DenoisePolicy(
+        verify=verify,
         block_size=block_size,
         threshold=threshold,
         steps_per_block=steps_per_block,
@@ -282,7 +290,7 @@ def generate_blocks(
         if streamer is not None:
             streamer.put(input_ids.cpu())
         events = engine.add(prompts, list(range(batch)), policy.max_new_tokens, policy.min_new_tokens,
-                            generators=generators)  # fmt: skip
+                            generators=generators, verify=policy.verify)  # fmt: skip
         while True:
             for row, tokens, at, finished in events:
                 generated[row] += tokens

@@ -139,6 +139,7 @@ class DecodeEngine:
         self.forwards = torch.zeros(rows, **long)  # forwards each row took part in
         self.committed_at = torch.zeros(rows, block_size, **long)  # the row's forward that committed a position
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that draft, then verify causally
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.proposal = torch.zeros(rows, block_size, **long)
         self.events = torch.zeros(rows, 3 + 2 * block_size, **long)
@@ -184,9 +185,11 @@ class DecodeEngine:
         self.proposal.copy_(tokens)
 
         # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
+        # Verifying rows draft: they fill every open position at once (the commit forward checks the draft).
         denoising = self.phase == DENOISE
         open_ = ~self.filled[:, 1:] & denoising.unsqueeze(1)
-        commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps) & open_
+        commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps)
+        commit = torch.where(self.verify.unsqueeze(1), open_, commit & open_)
         self.block[:, 1:] = torch.where(commit, tokens[:, :-1], self.block[:, 1:])
         self.filled[:, 1:] |= commit
         self.committed_at[:, 1:] = torch.where(commit, self.forwards.unsqueeze(1), self.committed_at[:, 1:])
@@ -195,29 +198,51 @@ class DecodeEngine:
         complete = denoising & self.filled.all(dim=1)
 
         # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
+        # A verifying row keeps its block up to the first drafted token the causal logits disagree with; the causal
+        # token there is the next first token (the rest of the cache is overwritten later and never a valid key).
         committing = self.phase == COMMIT
-        next_first = tokens.gather(1, (self.block_len - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        self.length += torch.where(committing, self.block_len, 0)
-        self.generated += torch.where(committing, self.block_len, 0)
-        self._start_block(committing, next_first)
-        complete |= committing & self.filled.all(dim=1)  # a block of one position is complete at once
+        verified = committing & self.verify
+        agree = (self.block[:, 1:] == tokens[:, :-1]) & (self._index[1:] < self.block_len.unsqueeze(1))
+        keep = torch.where(verified, agree.long().cumprod(dim=1).sum(dim=1) + 1, self.block_len)
+        kept_eos = verified.unsqueeze(1) & self._eos_at(self._index < keep.unsqueeze(1))
+        ends = kept_eos.any(dim=1)
+        keep = torch.where(ends, torch.where(kept_eos, self._index + 1, self.block_size).min(dim=1).values, keep)
+        next_first = tokens.gather(1, (keep - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        report = (self.block.clone(), keep,
+                  torch.where(self._index > 0, self.forwards.unsqueeze(1), self.committed_at))  # fmt: skip
+        self.length += torch.where(committing, keep, 0)
+        self.generated += torch.where(committing, keep, 0)
+        self.ended |= ends
+        done = verified & (ends | (self.generated >= self.max_new))
+        self._start_block(committing & ~done, next_first)
+        # A block of one position is complete at once (a verifying row's waits for the next step: one event per step)
+        complete |= committing & ~self.verify & self.filled.all(dim=1)
         self._settle(complete)  # a finished row ends; the others commit in the next forward
-        self._record(complete)
+        self.phase.masked_fill_(done, IDLE)
+        shown = complete & (~self.verify | self.finished)  # a verifying row's draft is not output
+        self._record(shown | verified, (self.finished & shown) | done, verified, report)
 
     def _settle(self, complete):
         """Rows whose block just completed: finished (EOS, budget) ones go idle, the others commit next."""
         finished = complete & (self.ended | (self.generated + self.block_len >= self.max_new))
+        finished &= ~self.verify | (self.block_len <= 1)  # a verified block may keep fewer tokens than drafted
         self.phase.copy_(torch.where(finished, IDLE, torch.where(complete, COMMIT, self.phase)))
         self.finished.copy_(finished)
 
-    def _record(self, complete):
-        """Pack what the host needs into one buffer: per row [complete, finished, length, tokens.., at..]."""
+    def _record(self, shown, finished, verified=None, report=None):
+        """Pack what the host needs into one buffer: per row [shown, finished, length, tokens.., at..]. Rows in
+        ``verified`` report ``report`` (tokens, length, committed_at) instead of their current block."""
         b = self.block_size
-        self.events[:, 0] = complete
-        self.events[:, 1] = self.finished & complete
-        self.events[:, 2] = self.block_len
-        self.events[:, 3 : 3 + b] = self.block
-        self.events[:, 3 + b :] = self.committed_at
+        tokens, length, at = self.block, self.block_len, self.committed_at
+        if verified is not None:
+            pick = verified.unsqueeze(1)
+            tokens, length, at = (torch.where(pick, report[0], tokens), torch.where(verified, report[1], length),
+                                  torch.where(pick, report[2], at))  # fmt: skip
+        self.events[:, 0] = shown
+        self.events[:, 1] = finished
+        self.events[:, 2] = length
+        self.events[:, 3 : 3 + b] = tokens
+        self.events[:, 3 + b :] = at
 
     def _run_step(self):
         if self._use_graph and self._graph is None:
@@ -280,7 +305,7 @@ class DecodeEngine:
         return [i for i, slot in enumerate(self.slots) if not slot.busy]
 
     def add(self, prompts: list[list[int]], slots: list[int], max_new_tokens, min_new_tokens=None, block_sizes=None,
-            requests=None, generators=None):  # fmt: skip
+            requests=None, generators=None, verify=False):  # fmt: skip
         """Prefill ``prompts`` into free ``slots`` (one causal forward) and start their first blocks.
 
         Per-request lists (or one value for all): ``max_new_tokens``, ``min_new_tokens``, ``block_sizes`` (at most
@@ -292,6 +317,7 @@ class DecodeEngine:
         max_new, min_new = as_list(max_new_tokens, 1), as_list(min_new_tokens, 0)
         block_sizes, requests, generators = (as_list(block_sizes, self.block_size), as_list(requests, None),
                                              as_list(generators, None))  # fmt: skip
+        verify = as_list(verify, False)
         longest = max(len(p) for p in prompts)
         for prompt, budget, size in zip(prompts, max_new, block_sizes):
             if not prompt:
@@ -300,6 +326,9 @@ class DecodeEngine:
                 raise ValueError(f"A {len(prompt)}-token prompt plus {budget} new tokens exceeds {self.max_length}.")
             if not 1 <= size <= self.block_size:
                 raise ValueError(f"block_size {size} must be between 1 and the engine's {self.block_size}.")
+        for size, check, sample in zip(block_sizes, verify, self.sampling.do_sample[slots].tolist()):
+            if check and (size < 2 or sample):
+                raise ValueError("verify=True needs greedy decoding (do_sample=False) and a block size of at least 2.")
         dev = self.device
         rows = torch.tensor(slots, dtype=torch.long, device=dev)
         ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long, device=dev)
@@ -322,6 +351,7 @@ class DecodeEngine:
         self.row_block_size[rows] = torch.tensor(block_sizes, device=dev)
         self.forwards[rows] = 1
         self.ended[rows] = False
+        self.verify[rows] = torch.tensor([bool(v) for v in verify], device=dev)
         noise = None
         if self._sampling:
             noise = torch.ones(n, 1, last.shape[-1], device=dev)
@@ -339,7 +369,7 @@ class DecodeEngine:
         self.finished.zero_()
         complete = starting & self.filled.all(dim=1)
         self._settle(complete)
-        self._record(complete)
+        self._record(complete, self.finished & complete)
         return self._events()
 
     def _set_sampling(self, sampling: bool):
@@ -375,13 +405,19 @@ class DecodeEngine:
         self.phase.masked_fill_(rows, DENOISE)
         self._close_after_eos()
 
+    def _eos_at(self, where: torch.Tensor) -> torch.Tensor:
+        """Filled block positions in ``where`` that hold an EOS the row may stop at (``min_new_tokens``)."""
+        produced = self.generated.unsqueeze(1) + self._index  # the token index of every block position
+        return where & self.filled & torch.isin(self.block, self.eos) & (produced >= self.min_new.unsqueeze(1))
+
     def _close_after_eos(self):
-        """Positions after a committed EOS are padding: they leave the block (and are no keys for the rest)."""
+        """Positions after a committed EOS are padding: they leave the block (and are no keys for the rest).
+        A verifying row's drafted tokens are not committed yet: only its first token counts."""
         if not self.eos.numel():
             return
-        produced = self.generated.unsqueeze(1) + self._index  # the token index of every block position
-        is_eos = self.filled & torch.isin(self.block, self.eos) & (produced >= self.min_new.unsqueeze(1))
-        is_eos &= self._index < self.block_len.unsqueeze(1)
+        is_eos = self._eos_at(
+            (self._index < self.block_len.unsqueeze(1)) & (~self.verify.unsqueeze(1) | (self._index == 0))
+        )
         kept = torch.where(is_eos, self._index + 1, self.block_size).min(dim=1).values
         hit = is_eos.any(dim=1) & (self.phase == DENOISE)
         self.block_len.copy_(torch.where(hit, torch.minimum(self.block_len, kept), self.block_len))
