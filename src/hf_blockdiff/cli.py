@@ -1,5 +1,5 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
-"""The ``hf_blockdiff`` command: convert, generate, push, env. Run ``hf_blockdiff COMMAND --help``."""
+"""The ``hf_blockdiff`` command: convert, generate, serve, push, env. Run ``hf_blockdiff COMMAND --help``."""
 
 from __future__ import annotations
 
@@ -234,6 +234,34 @@ def cmd_generate(args) -> int:
 # push, env
 
 
+SERVE_EXAMPLES = """examples:
+  hf_blockdiff serve out/smollm2-bd                              # http://127.0.0.1:8000/v1
+  hf_blockdiff serve out/smollm2-bd --max-batch 32 --block-size 16 --threshold 0.9 --port 9000
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64, "block_size": 16, "verify": true}'
+"""
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise CLIError(f"{error.name} is not installed.", "pip install 'hf_blockdiff[serve]'") from error
+    from .scheduler import Scheduler
+    from .serve import serve
+
+    model, tokenizer = load_for_generation(args)
+    defaults = {"threshold": args.threshold} if args.threshold is not None else {}
+    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, max_length=args.max_length,
+                          block_size=args.block_size, **defaults).start()  # fmt: skip
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    print(f"Serving {name} ({type(model).__name__}, block size up to {scheduler.block_size}, {args.max_batch} slots "
+          f"of {args.max_length} tokens) on http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
+    serve(scheduler, name, host=args.host, port=args.port, default_max_tokens=args.default_max_tokens)
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_to_hub
 
@@ -390,6 +418,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     gen.set_defaults(func=cmd_generate)
+
+    srv = commands.add_parser("serve", help="serve an OpenAI-compatible API with continuous batching",
+                              epilog=SERVE_EXAMPLES, formatter_class=fmt,
+                              description="Serve /v1/completions and /v1/chat/completions (streaming too), "
+                              "/v1/models and /health. Requests may set block_size, threshold and verify; usage "
+                              "reports tokens_per_forward. Needs pip install 'hf_blockdiff[serve]'.")  # fmt: skip
+    srv.add_argument("model", help="block-diffusion checkpoint (directory or Hub id), or an AR source to convert")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=at_least(0), default=8000)
+    srv.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+    srv.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (default 8)")
+    srv.add_argument("--max-length", type=at_least(2), default=2048,
+                     help="prompt + completion tokens per request (default 2048)")  # fmt: skip
+    srv.add_argument(
+        "--block-size", type=at_least(1), help="largest block size a request may use (default: the model's)"
+    )
+    srv.add_argument("--threshold", type=fraction(), help="default confidence threshold (default: the model's)")
+    srv.add_argument("--default-max-tokens", type=at_least(1), default=256,
+                     help="max_tokens of a request that sets none (default 256)")  # fmt: skip
+    srv.add_argument("--adapter", help="apply a LoRA adapter trained with hf_blockdiff")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    srv.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    srv.set_defaults(func=cmd_serve)
 
     push = commands.add_parser("push", help="push a converted or trained folder to the Hub", formatter_class=fmt,
                                epilog="example:\n  hf_blockdiff push ./smollm2-bd me/smollm2-bd --private",

@@ -1,0 +1,230 @@
+"""`hf_blockdiff serve`: the OpenAI-compatible server, driven by the real `openai` client over HTTP on 127.0.0.1.
+
+The oracle is `generate()` on each request alone: continuous batching (requests joining and leaving slots while
+others decode, with different settings in one forward) must not change any greedy output.
+"""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import torch
+import uvicorn
+from helpers import convert_tiny_checkpoint, converted_pair
+
+from hf_blockdiff.scheduler import Scheduler
+from hf_blockdiff.serve import create_app
+
+SLOTS, CONTEXT, BLOCK = 4, 256, 4
+WAIT_S = 60  # every wait below is bounded
+
+
+@pytest.fixture(scope="module")
+def server():
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    scheduler = Scheduler(model, tok, max_batch=SLOTS, max_length=CONTEXT).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(scheduler, "tiny", default_max_tokens=8)
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.time() + WAIT_S
+    while not http.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
+    yield model, tok, scheduler, client, url
+    http.should_exit = True
+    thread.join(WAIT_S)
+    scheduler.stop()
+
+
+def reference(model, tok, prompt_ids, max_tokens, block_size=BLOCK, threshold=0.9, verify=False):
+    """What generate() gives for this request alone: (text, tokens)."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, max_new_tokens=max_tokens, block_size=block_size, threshold=threshold, verify=verify,
+                         do_sample=False)  # fmt: skip
+    new = out[0, ids.shape[1] :].tolist()
+    return tok.decode(new, skip_special_tokens=True), new
+
+
+def call(url, method, path, body=None):
+    """(status, JSON) of a raw HTTP call (no client-side validation in the way); ``body`` str is sent as is."""
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=WAIT_S)
+    try:
+        content = body if isinstance(body, str) or body is None else json.dumps(body)
+        conn.request(method, path, body=content, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def wait_until_idle(scheduler):
+    deadline = time.time() + WAIT_S
+    while len(scheduler.engine.free_slots()) < SLOTS:
+        assert time.time() < deadline, "a slot was never freed"
+        time.sleep(0.05)
+
+
+def test_completion_chat_and_stream_equal_generate(server):
+    model, tok, scheduler, client, _ = server
+    prompt = "w1 w2 w3 w4"
+    text, tokens = reference(model, tok, tok(prompt).input_ids, 12, threshold=0.0)
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, extra_body={"threshold": 0.0})
+    assert reply.choices[0].text == text
+    usage = reply.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (4, len(tokens))
+    assert usage.tokens_per_forward == pytest.approx(usage.completion_tokens / usage.forward_passes, abs=1e-4)
+    assert usage.tokens_per_forward > 1  # threshold 0 commits a whole block per step
+
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    chat_text, _ = reference(model, tok, list(chat_ids["input_ids"]), 10)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10)
+    assert reply.choices[0].message.content == chat_text and reply.choices[0].message.role == "assistant"
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat_text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, stream=True,
+                                         extra_body={"threshold": 0.0})  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    wait_until_idle(scheduler)
+
+
+def test_32_concurrent_requests_equal_each_alone(server):
+    """More requests than slots, with different lengths and settings: they queue, join free slots mid-decode, and
+    each output equals generate() on that request alone."""
+    model, tok, scheduler, client, _ = server
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for i in range(32):
+        prompt = torch.randint(0, 60, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+        settings = dict(block_size=[1, 2, 4, 4][i % 4], threshold=[0.0, 0.5, 0.9, 1.0][i // 8], verify=i % 7 == 3)
+        if settings["verify"] and settings["block_size"] < 2:
+            settings["block_size"] = 4
+        cases.append((prompt, 3 + i % 9, settings))
+    expected = [reference(model, tok, p, n, **s)[0] for p, n, s in cases]
+
+    def ask(case):
+        prompt, max_tokens, settings = case
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, extra_body=settings)
+        return reply.choices[0].text
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, cases, timeout=WAIT_S * 2))
+    assert got == expected
+    wait_until_idle(scheduler)
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    model, tok, scheduler, client, _ = server
+    prompt = "w9 w8 w7"
+    text, _ = reference(model, tok, tok(prompt).input_ids, 16, threshold=0.0)
+    words = text.split()
+    stop = " ".join(words[3:5])
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, stop=[stop],
+                                      extra_body={"threshold": 0.0})  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].text == text[: text.index(stop)]
+
+    # A seeded sample does not depend on what else shares the batch.
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, seed=seed)
+
+    alone = sample(7).choices[0].text
+    with ThreadPoolExecutor(4) as pool:
+        crowd = list(pool.map(sample, [7, 8, 9, 7]))
+    assert crowd[0].choices[0].text == alone == crowd[3].choices[0].text
+    assert len({c.choices[0].text for c in crowd}) > 1  # other seeds give other samples
+    wait_until_idle(scheduler)
+
+
+def test_a_client_killed_mid_stream_frees_its_slot(server):
+    model, tok, scheduler, client, url = server
+    cancelled_before = scheduler.cancelled
+    body = {"model": "tiny", "prompt": "w1 w2", "max_tokens": CONTEXT - 2, "stream": True, "threshold": 1.0,
+            "block_size": 1}  # fmt: skip
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=WAIT_S)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.readline().decode()
+    assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["finish_reason"] is None
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client dies long before its 254 tokens are decoded
+    conn.close()
+    wait_until_idle(scheduler)
+    assert scheduler.cancelled == cancelled_before + 1  # freed by the disconnect, not by running to its end
+    reply = client.completions.create(model="tiny", prompt="w3", max_tokens=4)
+    assert reply.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ("{not json", 400, None),
+        ({"model": "tiny", "prompt": "w1 " * CONTEXT, "max_tokens": 4}, 400, None),
+        ({"model": "tiny", "prompt": "w1", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "w1", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "w1", "n": 2}, 400, "n"),
+        ({"model": "tiny", "prompt": "w1", "block_size": BLOCK + 1}, 400, None),
+        ({"model": "tiny", "prompt": "w1", "verify": True, "temperature": 0.7}, 400, None),
+        ({"model": "tiny", "prompt": [10**6]}, 400, "prompt"),
+        ({"model": "other", "prompt": "w1"}, 404, "model"),
+        ({"model": "tiny"}, 400, "prompt"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
+    _, _, _, client, url = server
+    code, reply = call(url, "POST", "/v1/completions", body)
+    assert code == status
+    error = reply["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    assert call(url, "GET", "/health") == (200, {"status": "ok"})
+
+
+@pytest.mark.slow
+def test_cli_serves_a_converted_folder(tmp_path):
+    """`hf_blockdiff serve DIR` in its own process: the folder loads through trust_remote_code and answers."""
+    folder = tmp_path / "bd"
+    convert_tiny_checkpoint(folder, "llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "hf_blockdiff.cli", "serve", str(folder), "--port", str(port), "--max-batch", "2",
+               "--max-length", "64"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + WAIT_S * 2
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            try:
+                if call(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["bd"]
+        reply = client.completions.create(model="bd", prompt="w1 w2", max_tokens=5, extra_body={"block_size": 4})
+        assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+    finally:
+        server.terminate()
+        server.wait(WAIT_S)
