@@ -87,7 +87,7 @@ def test_convert_then_generate_tiny(tiny_source, tmp_path, capsys):
         assert code == 0, err
         texts.append(out)
     assert texts[0] == texts[1]
-    code, _, err = run(["generate", dst, "w1", "--verify", "--do-sample"], capsys)
+    code, _, err = run(["generate", dst, "w1", "--verify", "--block-size", "1"], capsys)
     assert code == 1 and "--verify" in err and "hint:" in err
 
 

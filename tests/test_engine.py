@@ -293,9 +293,77 @@ def test_verifying_and_threshold_rows_share_a_batch():
     assert tokens[1] == expected
 
 
-@pytest.mark.parametrize("settings", [dict(block_size=1), dict(block_size=4, do_sample=True)])
-def test_verify_refuses_what_it_cannot_keep_exact(settings):
+def test_verify_refuses_block_size_1():
     model = pair("llama", 4)
     ids, _ = padded_batch([5], seed=1)
     with pytest.raises(ValueError, match="verify=True"):
-        model.generate(ids, verify=True, max_new_tokens=4, **settings)
+        model.generate(ids, verify=True, max_new_tokens=4, block_size=1)
+
+
+def test_speculative_accept_outputs_the_target_distribution():
+    """Monte Carlo on a small vocabulary: draw from the draft q, accept with min(1, p/q), else draw from the
+    residual: the output follows p (and the draft alone visibly does not)."""
+    from hf_blockdiff.policies import speculative_accept
+
+    g = torch.Generator().manual_seed(0)
+    vocab, n = 6, 200_000
+    p = torch.softmax(torch.randn(vocab, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(vocab, generator=g) * 2, -1)
+    drafted = torch.multinomial(q, n, replacement=True, generator=g).view(n, 1)
+    uniform = torch.rand(n, 1, generator=g)
+    noise = torch.empty(n, 1, vocab).exponential_(generator=g)
+    accepted, residual = speculative_accept(p.expand(n, 1, vocab), q.expand(n, 1, vocab), drafted, uniform, noise)
+    out = torch.where(accepted, drafted, residual).view(-1)
+    freq = torch.bincount(out, minlength=vocab) / n
+    assert accepted.float().mean().item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=0.005)
+    assert 0.5 * (freq - p).abs().sum() < 0.005
+    assert 0.5 * (q - p).abs().sum() > 0.1  # the test can tell the draft from the target
+
+
+def test_sampled_verify_matches_ar_sampling_in_distribution():
+    """Sampled verify: drafts accepted by the speculative-sampling rule. Its tokens follow block-size-1 sampling
+    (as close as two block-size-1 runs with different seeds), while the drafts alone are far off."""
+    _, model, _ = converted_pair("llama", block_size=4)
+    n = 1500
+    prompt = torch.tensor([[3, 14, 15, 9, 2]], device=DEVICE).repeat(n, 1)
+
+    def sample(seed, **settings):
+        out = model.generate(prompt, max_new_tokens=4, do_sample=True, temperature=0.3, eos_token_id=[],
+                             pad_token_id=PAD, generator=torch.Generator(DEVICE).manual_seed(seed),
+                             return_dict_in_generate=True, **settings)  # fmt: skip
+        return out.sequences[:, prompt.shape[1] :].cpu(), out
+
+    def tv(a, b):  # total variation between the empirical distributions of tokens 2 and 3 (a pair)
+        counts = [torch.bincount(x[:, 1] * 100 + x[:, 2], minlength=10_000) / n for x in (a, b)]
+        return 0.5 * (counts[0] - counts[1]).abs().sum().item()
+
+    ar, ar_again = sample(1, block_size=1)[0], sample(2, block_size=1)[0]
+    verified, out = sample(3, block_size=4, verify=True)
+    drafts = sample(4, block_size=4, threshold=0.0)[0]  # every position from one denoising step
+    noise_level = tv(ar, ar_again)
+    assert tv(ar, verified) < 1.5 * noise_level + 0.02
+    assert tv(ar, drafts) > 4 * noise_level
+    assert (out.num_generated_tokens == 4).all()
+
+
+def test_greedy_verify_rows_stay_exact_next_to_sampled_verify_rows():
+    model = pair("qwen2", 4)
+    prompts = prompts_of([6, 4], seed=5)
+    sampling = sampling_for(2)
+    sampling.do_sample[1] = True
+    engine = DecodeEngine(model, 2, 40, 4, rule_for("threshold", 0.9, 2), sampling, eos_token_ids=RARE_STOPS,
+                          pad_token_id=PAD)  # fmt: skip
+    tokens = {0: [], 1: []}
+    events = engine.add(
+        prompts, [0, 1], MAX_NEW, verify=True, generators=[None, torch.Generator(DEVICE).manual_seed(0)]
+    )
+    while True:
+        for row, new, _, _ in events:
+            tokens[row] += new
+        if not any(s.busy for s in engine.slots):
+            break
+        events = engine.step()
+    ids = torch.tensor([prompts[0]], device=DEVICE)
+    alone = model.generate(ids, block_size=1, max_new_tokens=MAX_NEW, eos_token_id=RARE_STOPS, pad_token_id=PAD)
+    assert tokens[0] == alone[0, len(prompts[0]) :].tolist()[: len(tokens[0])]
+    assert len(tokens[1]) == MAX_NEW or tokens[1][-1] in RARE_STOPS

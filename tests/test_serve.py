@@ -184,7 +184,7 @@ def test_a_client_killed_mid_stream_frees_its_slot(server):
         ({"model": "tiny", "prompt": "w1", "temperature": -1}, 400, "temperature"),
         ({"model": "tiny", "prompt": "w1", "n": 2}, 400, "n"),
         ({"model": "tiny", "prompt": "w1", "block_size": BLOCK + 1}, 400, None),
-        ({"model": "tiny", "prompt": "w1", "verify": True, "temperature": 0.7}, 400, None),
+        ({"model": "tiny", "prompt": "w1", "verify": True, "block_size": 1}, 400, None),
         ({"model": "tiny", "prompt": [10**6]}, 400, "prompt"),
         ({"model": "other", "prompt": "w1"}, 404, "model"),
         ({"model": "tiny"}, 400, "prompt"),

@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .compat import cache_argument
 from .masks import decode_meta
-from .policies import CommitRule, Sampling, propose
+from .policies import CommitRule, Sampling, propose, speculative_accept
 
 logger = logging.get_logger(__name__)
 
@@ -79,6 +79,7 @@ class Slot:
     request: object = None  # whatever the caller attached (generate(): the batch row; serve: the request)
     generator: torch.Generator | None = None  # the row's sampling noise (None: the global generator)
     do_sample: bool = False
+    verify: bool = False
     busy: bool = False
     tokens: list[int] = field(default_factory=list)  # committed so far (blocks are appended when complete)
 
@@ -145,7 +146,9 @@ class DecodeEngine:
         self.events = torch.zeros(rows, 3 + 2 * block_size, **long)
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
         self._sampling = False  # whether any slot samples (a graph is captured for one setting)
-        self.noise = None
+        self.noise = None  # Exp(1) draws of every sampling row, for every forward
+        self.uniform = None  # U(0, 1) draws of sampling rows that verify (speculative acceptance)
+        self.draft_dist = None  # the distribution each drafted token of a verifying, sampling row came from
         self.num_forwards = 0
         self.slots = [Slot() for _ in range(rows)]
         self._graph = None
@@ -180,8 +183,9 @@ class DecodeEngine:
         logits = self.model.logits_from_hidden(hidden)
         self.forwards += active
         produced = self.generated.unsqueeze(1) + self._index + 1  # the token index each logit predicts
-        tokens, conf = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
-                               produced < self.min_new.unsqueeze(1), self.noise if self._sampling else None)  # fmt: skip
+        tokens, conf, dist = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
+                                     produced < self.min_new.unsqueeze(1), self.noise if self._sampling else None,
+                                     with_dist=True)  # fmt: skip
         self.proposal.copy_(tokens)
 
         # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
@@ -191,6 +195,9 @@ class DecodeEngine:
         commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps)
         commit = torch.where(self.verify.unsqueeze(1), open_, commit & open_)
         self.block[:, 1:] = torch.where(commit, tokens[:, :-1], self.block[:, 1:])
+        if self._sampling:  # a sampled draft is accepted against the distribution it came from
+            drafted = (commit & self.verify.unsqueeze(1)).unsqueeze(-1)
+            self.draft_dist[:, 1:] = torch.where(drafted, dist[:, :-1], self.draft_dist[:, 1:])
         self.filled[:, 1:] |= commit
         self.committed_at[:, 1:] = torch.where(commit, self.forwards.unsqueeze(1), self.committed_at[:, 1:])
         self.steps += denoising
@@ -198,16 +205,28 @@ class DecodeEngine:
         complete = denoising & self.filled.all(dim=1)
 
         # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
-        # A verifying row keeps its block up to the first drafted token the causal logits disagree with; the causal
-        # token there is the next first token (the rest of the cache is overwritten later and never a valid key).
+        # A verifying row keeps its block up to the first drafted token the causal logits reject (greedy: disagree
+        # with; sampling: the speculative-sampling test); the causal token there (sampling: a residual draw) is the
+        # next first token. The rest of the cache is overwritten later and never a valid key.
         committing = self.phase == COMMIT
         verified = committing & self.verify
-        agree = (self.block[:, 1:] == tokens[:, :-1]) & (self._index[1:] < self.block_len.unsqueeze(1))
+        agree = self.block[:, 1:] == tokens[:, :-1]
+        speculative = self._sampling and self.block_size > 1
+        if speculative:
+            accepted, residual = speculative_accept(dist[:, :-1], self.draft_dist[:, 1:], self.block[:, 1:],
+                                                    self.uniform[:, 1:], self.noise[:, :-1])  # fmt: skip
+            agree = torch.where(self.sampling.do_sample.unsqueeze(1), accepted, agree)
+        agree &= self._index[1:] < self.block_len.unsqueeze(1)
         keep = torch.where(verified, agree.long().cumprod(dim=1).sum(dim=1) + 1, self.block_len)
         kept_eos = verified.unsqueeze(1) & self._eos_at(self._index < keep.unsqueeze(1))
         ends = kept_eos.any(dim=1)
         keep = torch.where(ends, torch.where(kept_eos, self._index + 1, self.block_size).min(dim=1).values, keep)
-        next_first = tokens.gather(1, (keep - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        at = (keep - 1).clamp(min=0).unsqueeze(1)
+        next_first = tokens.gather(1, at).squeeze(1)
+        if speculative:
+            rejected = verified & self.sampling.do_sample & (keep < self.block_len)
+            next_first = torch.where(rejected, residual.gather(1, at.clamp(max=self.block_size - 2)).squeeze(1),
+                                     next_first)  # fmt: skip
         report = (self.block.clone(), keep,
                   torch.where(self._index > 0, self.forwards.unsqueeze(1), self.committed_at))  # fmt: skip
         self.length += torch.where(committing, keep, 0)
@@ -326,9 +345,9 @@ class DecodeEngine:
                 raise ValueError(f"A {len(prompt)}-token prompt plus {budget} new tokens exceeds {self.max_length}.")
             if not 1 <= size <= self.block_size:
                 raise ValueError(f"block_size {size} must be between 1 and the engine's {self.block_size}.")
-        for size, check, sample in zip(block_sizes, verify, self.sampling.do_sample[slots].tolist()):
-            if check and (size < 2 or sample):
-                raise ValueError("verify=True needs greedy decoding (do_sample=False) and a block size of at least 2.")
+        for size, check in zip(block_sizes, verify):
+            if check and size < 2:
+                raise ValueError("verify=True needs a block size of at least 2.")
         dev = self.device
         rows = torch.tensor(slots, dtype=torch.long, device=dev)
         ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long, device=dev)
@@ -342,7 +361,8 @@ class DecodeEngine:
 
         do_sample = self.sampling.do_sample[rows].tolist()
         for i, slot in enumerate(slots):
-            self.slots[slot] = Slot(request=requests[i], generator=generators[i], do_sample=do_sample[i], busy=True)
+            self.slots[slot] = Slot(request=requests[i], generator=generators[i], do_sample=do_sample[i],
+                                    verify=bool(verify[i]), busy=True)  # fmt: skip
         self._set_sampling(any(s.do_sample for s in self.slots if s.busy))
         self.length[rows] = lengths
         self.generated[rows] = 0
@@ -376,15 +396,21 @@ class DecodeEngine:
         """Sampling needs a noise buffer and a graph that reads it; greedy decoding needs neither."""
         if sampling and self.noise is None:
             self.noise = torch.ones(self.rows, self.block_size, self.vocab, device=self.device)
+            self.uniform = torch.zeros(self.rows, self.block_size, device=self.device)
+            self.draft_dist = torch.ones(self.rows, self.block_size, self.vocab, device=self.device)
         if sampling != self._sampling:
             self._sampling, self._graph = sampling, None
 
     def _draw(self, noise: torch.Tensor, slots: list[int]):
         """``Exp(1)`` draws into ``noise[i]`` from each sampling slot's own generator: one draw of that shape per
-        forward the slot takes part in, so a row's noise does not depend on its neighbours."""
+        forward the slot takes part in, so a row's noise does not depend on its neighbours. In a step, a verifying
+        slot then draws its ``uniform`` row too."""
         for i, slot in enumerate(slots):
-            if self.slots[slot].do_sample and self.slots[slot].busy:
-                noise[i].exponential_(generator=self.slots[slot].generator)
+            state = self.slots[slot]
+            if state.do_sample and state.busy:
+                noise[i].exponential_(generator=state.generator)
+                if state.verify and noise is self.noise:
+                    self.uniform[i].uniform_(generator=state.generator)
 
     def _start_block(self, rows: torch.Tensor, first: torch.Tensor):
         """Start a block at the ``length`` of the ``rows`` (a bool mask): ``[first, MASK, ...]``."""

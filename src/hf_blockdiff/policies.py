@@ -73,8 +73,10 @@ def propose(
     eos_token_ids: torch.Tensor,
     forbid_eos: torch.Tensor,
     noise: torch.Tensor | None = None,
+    with_dist: bool = False,
 ):
-    """Token and confidence at every position of ``logits`` (``(rows, n, vocab)``).
+    """Token and confidence at every position of ``logits`` (``(rows, n, vocab)``); with ``with_dist`` also the
+    distribution each token was drawn from (greedy rows: the temperature-free softmax).
 
     ``eos_token_ids`` must lie inside the vocabulary (the engine filters them once; filtering here would read
     the device). ``forbid_eos`` (``(rows, n)``) marks positions where EOS may not be chosen. ``noise`` (``(rows, n, vocab)``,
@@ -92,12 +94,31 @@ def propose(
     if noise is not None:
         scores = torch.where(sampled, scores / sampling.temperature.view(-1, 1, 1), scores)
     probs = scores.softmax(-1)
-    tokens = probs.argmax(-1)
+    tokens, dist = probs.argmax(-1), probs
     if noise is not None:
         allowed = restrict(scores, sampling.top_k, sampling.top_p) if sampling.filtered else scores
-        drawn = (allowed.softmax(-1) / noise).argmax(-1)
-        tokens = torch.where(sampled.view(-1, 1), drawn, tokens)
-    return tokens, confidence(probs, tokens, measure)
+        target = allowed.softmax(-1)
+        tokens = torch.where(sampled.view(-1, 1), (target / noise).argmax(-1), tokens)
+        dist = torch.where(sampled, target, probs) if with_dist else dist
+    conf = confidence(probs, tokens, measure)
+    return (tokens, conf, dist) if with_dist else (tokens, conf)
+
+
+def speculative_accept(target, draft, drafted, uniform, noise):
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) position by position.
+
+    ``drafted`` (``(rows, n)``) was drawn from ``draft`` (``(rows, n, vocab)``); ``target`` is the distribution the
+    output must follow at the same positions, each given everything before it. A drafted token is accepted with
+    probability ``min(1, target / draft)`` (``uniform``: ``U(0, 1)`` draws); at the first rejection the output is a
+    draw from ``max(0, target - draft)`` renormalised, so every output token follows ``target`` exactly. Returns
+    ``(accepted, residual)``: a bool ``(rows, n)`` decision for every position (the caller keeps the accepted
+    prefix) and a residual draw at every position (exponential race with ``noise``, ``Exp(1)`` draws).
+    """
+    p = target.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)
+    q = draft.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)
+    accepted = uniform * q < p  # u < p / q without dividing (q > 0: the token was drawn from it)
+    residual = ((target - draft).clamp_min(0) / noise).argmax(-1)
+    return accepted, residual
 
 
 # ----------------------------------------------------------------------------------------------------------
