@@ -367,3 +367,27 @@ def test_greedy_verify_rows_stay_exact_next_to_sampled_verify_rows():
     alone = model.generate(ids, block_size=1, max_new_tokens=MAX_NEW, eos_token_id=RARE_STOPS, pad_token_id=PAD)
     assert tokens[0] == alone[0, len(prompts[0]) :].tolist()[: len(tokens[0])]
     assert len(tokens[1]) == MAX_NEW or tokens[1][-1] in RARE_STOPS
+
+
+def test_verify_reports_its_rejected_drafts_and_the_picture_shows_them():
+    from hf_blockdiff.visualize import decoding_trace, to_svg
+
+    _, model, tok = converted_pair("llama", block_size=4)
+    ids, am = padded_batch([7, 3], seed=11)
+    out = model.generate(ids, attention_mask=am, block_size=4, verify=True, max_new_tokens=16, eos_token_id=[],
+                         pad_token_id=PAD, return_dict_in_generate=True)  # fmt: skip
+    new = out.sequences[:, ids.shape[1] :]
+    for row in range(2):
+        starts = out.block_starts[row]
+        assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < 16
+        assert all(b - a <= 4 for a, b in zip(starts, starts[1:] + [16]))
+        assert out.rejected_drafts[row], "a random model's drafts are cut somewhere"
+        for index, tokens in out.rejected_drafts[row]:
+            before = max(s for s in starts if s < index)
+            assert index in starts  # a cut ends its block: the causal model's token starts the next one
+            assert tokens[0] != new[row, index]  # greedy: the causal model chose another token there
+            assert (index - before) + len(tokens) <= 4  # kept + rejected = the drafted block
+    trace = decoding_trace(tok, out, 0)
+    assert [t.rejected for t in trace].count(True) == sum(len(t) for _, t in out.rejected_drafts[0])
+    assert [t.forward for t in trace if not t.rejected] == out.committed_at[0].tolist()
+    assert to_svg(trace).count("rejected draft") == 1 + sum(len(t) for _, t in out.rejected_drafts[0])

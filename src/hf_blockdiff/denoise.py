@@ -63,6 +63,9 @@ class BlockDiffusionGenerateOutput(ModelOutput):
     row_forward_passes: ``(batch,)`` forwards each row took part in: what it would cost decoded alone.
     num_generated_tokens: ``(batch,)`` tokens each row generated, its EOS included.
     committed_at: ``(batch, new_tokens)`` the row's forward (1-based) that committed each token; -1 = padding.
+    block_starts: per row, where each block begins among its new tokens (verified blocks vary in length).
+    rejected_drafts: per row, ``(index, tokens)`` for every verified block whose draft was cut: the drafted
+        tokens that were dropped from new-token ``index`` on (where the causal model's own token went instead).
     Tokens per forward: ``num_generated_tokens / row_forward_passes`` per row;
     ``num_generated_tokens.sum() / row_forward_passes.sum()`` for the batch as decoded (each forward serves every
     row that is still decoding, so this is the mean over rows weighted by their forwards).
@@ -74,6 +77,8 @@ class BlockDiffusionGenerateOutput(ModelOutput):
     num_generated_tokens: torch.LongTensor | None = None
     committed_at: torch.LongTensor | None = None
     block_size: int | None = None
+    block_starts: list[list[int]] | None = None
+    rejected_drafts: list[list[tuple[int, list[int]]]] | None = None
 
 
 @dataclass
@@ -97,7 +102,7 @@ class DenoisePolicy:
     stop_strings: list[str] | None = None
     repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
     use_cuda_graph: bool | None = None  # None: on CUDA
-    verify: bool = False  # draft each block in one step, keep what the causal logits agree with (lossless)
+    verify: bool = False  # draft each block in one step, keep what the causal model accepts (lossless)
     compile_step: bool | None = None  # torch.compile the captured step (None: whenever a CUDA graph is used)
 
     def commit_rule(self, rows: int, device) -> AnyOf | Threshold | FixedSteps | RepeatGuard:
@@ -177,10 +182,10 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     do_sample = bool(gc.do_sample) and (gc.temperature is None or gc.temperature > 0)
     verify = bool(setting("verify", False))
-    if verify and (do_sample or block_size < 2):
+    if verify and block_size < 2:
         raise ValueError(
-            "verify=True keeps exactly the greedy block-size-1 output, so it needs do_sample=False and "
-            f"block_size >= 2 (got do_sample={do_sample}, block_size={block_size})."
+            f"verify=True drafts whole blocks and keeps what the causal model accepts: it needs block_size >= 2 "
+            f"(got {block_size}; block_size=1 is already the AR decoding verify reproduces)."
         )
     return DenoisePolicy(
         verify=verify,
@@ -266,7 +271,14 @@ def generate_blocks(
     each row's samples independent of its batch.
     """
     tokenizer = kwargs.pop("tokenizer", None)
+    config = generation_config if generation_config is not None else model.generation_config
+    pad_given = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))  # before resolve_policy's default
     policy = resolve_policy(model, input_ids.shape[1] if input_ids is not None else 0, generation_config, kwargs)
+    if attention_mask is None and pad_given is not None and input_ids is not None and input_ids.dim() == 2:
+        # A padded batch without a mask: infer the mask as transformers' generate() does
+        # (`_prepare_attention_mask_for_generation`), where the pad token occurs and is not an EOS token.
+        if pad_given not in policy.eos_token_ids and bool((input_ids == pad_given).any()):
+            attention_mask = input_ids.ne(pad_given).long()
     check_inputs(model, input_ids, attention_mask, policy)
     if policy.stop_strings:
         if tokenizer is None:
@@ -316,6 +328,7 @@ def generate_blocks(
     sequences = torch.cat([input_ids, tokens], dim=1)
     if not policy.return_dict_in_generate:
         return sequences
+    slots = engine.slots[:batch]
     return BlockDiffusionGenerateOutput(
         sequences=sequences,
         num_forward_passes=engine.num_forwards,
@@ -323,6 +336,8 @@ def generate_blocks(
         num_generated_tokens=torch.tensor([len(g) for g in generated], device=device),
         committed_at=at,
         block_size=policy.block_size,
+        block_starts=[[i for i in slot.block_starts if i < len(g)] for slot, g in zip(slots, generated)],
+        rejected_drafts=[[(i, t) for i, t in slot.rejected if i < len(g)] for slot, g in zip(slots, generated)],
     )
 
 

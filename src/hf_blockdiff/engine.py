@@ -82,6 +82,8 @@ class Slot:
     verify: bool = False
     busy: bool = False
     tokens: list[int] = field(default_factory=list)  # committed so far (blocks are appended when complete)
+    block_starts: list[int] = field(default_factory=list)  # where each completed block begins in ``tokens``
+    rejected: list[tuple[int, list[int]]] = field(default_factory=list)  # verify: (where, drafted tokens dropped)
 
 
 class DecodeEngine:
@@ -143,7 +145,7 @@ class DecodeEngine:
         self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that draft, then verify causally
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.proposal = torch.zeros(rows, block_size, **long)
-        self.events = torch.zeros(rows, 3 + 2 * block_size, **long)
+        self.events = torch.zeros(rows, 4 + 2 * block_size, **long)
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
         self._sampling = False  # whether any slot samples (a graph is captured for one setting)
         self.noise = None  # Exp(1) draws of every sampling row, for every forward
@@ -228,7 +230,8 @@ class DecodeEngine:
             next_first = torch.where(rejected, residual.gather(1, at.clamp(max=self.block_size - 2)).squeeze(1),
                                      next_first)  # fmt: skip
         report = (self.block.clone(), keep,
-                  torch.where(self._index > 0, self.forwards.unsqueeze(1), self.committed_at))  # fmt: skip
+                  torch.where(self._index > 0, self.forwards.unsqueeze(1), self.committed_at),
+                  self.block_len.clone())  # fmt: skip
         self.length += torch.where(committing, keep, 0)
         self.generated += torch.where(committing, keep, 0)
         self.ended |= ends
@@ -249,19 +252,21 @@ class DecodeEngine:
         self.finished.copy_(finished)
 
     def _record(self, shown, finished, verified=None, report=None):
-        """Pack what the host needs into one buffer: per row [shown, finished, length, tokens.., at..]. Rows in
-        ``verified`` report ``report`` (tokens, length, committed_at) instead of their current block."""
+        """Pack what the host needs into one buffer: per row [shown, finished, length, tokens.., at.., drafted]. Rows
+        in ``verified`` report ``report`` (tokens, length, committed_at, drafted) instead of their current block:
+        their tokens past ``length`` up to ``drafted`` are the rejected part of the draft."""
         b = self.block_size
-        tokens, length, at = self.block, self.block_len, self.committed_at
+        tokens, length, at, drafted = self.block, self.block_len, self.committed_at, self.block_len
         if verified is not None:
             pick = verified.unsqueeze(1)
-            tokens, length, at = (torch.where(pick, report[0], tokens), torch.where(verified, report[1], length),
-                                  torch.where(pick, report[2], at))  # fmt: skip
+            tokens, length, at, drafted = (torch.where(pick, report[0], tokens), torch.where(verified, report[1], length),
+                                           torch.where(pick, report[2], at), torch.where(verified, report[3], drafted))  # fmt: skip
         self.events[:, 0] = shown
         self.events[:, 1] = finished
         self.events[:, 2] = length
         self.events[:, 3 : 3 + b] = tokens
-        self.events[:, 3 + b :] = at
+        self.events[:, 3 + b : 3 + 2 * b] = at
+        self.events[:, 3 + 2 * b] = drafted
 
     def _run_step(self):
         if self._use_graph and self._graph is None:
@@ -471,7 +476,12 @@ class DecodeEngine:
             size = int(table[r, 2])
             new, at = table[r, 3 : 3 + size].tolist(), table[r, 3 + b : 3 + b + size].tolist()
             done = bool(table[r, 1])
-            self.slots[r].tokens += new
+            slot = self.slots[r]
+            slot.block_starts.append(len(slot.tokens))
+            drafted = int(table[r, 3 + 2 * b])
+            if drafted > size and not done:  # (after the row's end nothing was rejected: the draft was just unused)
+                slot.rejected.append((len(slot.tokens) + size, table[r, 3 + size : 3 + drafted].tolist()))
+            slot.tokens += new
             if done:
                 self.slots[r].busy = False
             events.append((r, new, at, done))

@@ -12,6 +12,7 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
+REJECTED_STYLE = 'fill="white" stroke="#8c959f" stroke-dasharray="3,2"'
 # Step 0 is the block's first token (an AR step); later steps are denoising forwards.
 PALETTE = ["#d0d7de", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac"]  # fmt: skip
@@ -22,20 +23,24 @@ class TracedToken:
     text: str
     block: int
     step: int  # 0 = first token of the block (AR step), k = committed by the block's k-th denoising forward
-    forward: int  # the row's forward that committed it
+    forward: int  # the row's forward that committed it (-1: rejected)
+    rejected: bool = False  # verify: a drafted token the causal model did not accept (not part of the output)
 
 
 def decoding_trace(tokenizer, output, row: int = 0) -> list[TracedToken]:
-    """Per generated token of ``row``: its text, block, and the step of its block that committed it."""
+    """Per generated token of ``row``: its text, block, and the step of its block that committed it; with
+    ``verify``, each cut draft's rejected tokens follow the kept part of their block."""
     committed = output.committed_at[row].tolist()
     length = int(output.num_generated_tokens[row])
     new_tokens = output.sequences[row, -len(committed) :].tolist()[:length]
-    block_size = output.block_size
+    starts = getattr(output, "block_starts", None)
+    starts = starts[row] if starts else list(range(0, length, output.block_size))
+    rejected = dict(getattr(output, "rejected_drafts", None)[row]) if getattr(output, "rejected_drafts", None) else {}
     trace = []
-    for i, (token, forward) in enumerate(zip(new_tokens, committed)):
-        block = i // block_size
-        first = committed[block * block_size]
-        trace.append(TracedToken(tokenizer.decode([token]), block, forward - first, forward))
+    for block, (start, end) in enumerate(zip(starts, starts[1:] + [length])):
+        for token, forward in zip(new_tokens[start:end], committed[start:end]):
+            trace.append(TracedToken(tokenizer.decode([token]), block, forward - committed[start], forward))
+        trace += [TracedToken(tokenizer.decode([t]), block, -1, -1, rejected=True) for t in rejected.get(end, [])]
     return trace
 
 
@@ -59,12 +64,14 @@ def to_svg(trace: list[TracedToken], title: str = "", width: int = 960, font_siz
             x, y = pad, y + line_h
         if i and tok.block != trace[i - 1].block:
             x += 4  # a gap marks the block boundary
-        colour = PALETTE[tok.step % len(PALETTE)]
-        boxes.append(
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{font_size * 1.6:.1f}" rx="3" fill="{colour}">'
-            f"<title>block {tok.block}, step {tok.step}</title></rect>"
-            f'<text x="{x + 3:.1f}" y="{y + font_size * 1.15:.1f}">{html.escape(label)}</text>'
-        )
+        box = f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{font_size * 1.6:.1f}" rx="3" '
+        text = f'<text x="{x + 3:.1f}" y="{y + font_size * 1.15:.1f}"'
+        if tok.rejected:  # drawn, not output: dashed outline, struck through
+            boxes.append(f'{box}{REJECTED_STYLE}><title>block {tok.block}: rejected draft</title></rect>'
+                         f'{text} fill="#8c959f" text-decoration="line-through">{html.escape(label)}</text>')  # fmt: skip
+        else:
+            boxes.append(f'{box}fill="{PALETTE[tok.step % len(PALETTE)]}"><title>block {tok.block}, step {tok.step}'
+                         f"</title></rect>{text}>{html.escape(label)}</text>")  # fmt: skip
         x += w + 2
     legend_y = y + line_h + 4
     legend = [f'<text x="{pad}" y="{legend_y + font_size:.1f}">step in block:</text>']
@@ -73,6 +80,10 @@ def to_svg(trace: list[TracedToken], title: str = "", width: int = 960, font_siz
         legend.append(f'<rect x="{lx:.1f}" y="{legend_y:.1f}" width="{font_size * 1.4}" height="{font_size * 1.4}" '
                       f'rx="3" fill="{PALETTE[step]}"/><text x="{lx + 3:.1f}" y="{legend_y + font_size:.1f}">{step}</text>')  # fmt: skip
         lx += font_size * 1.4 + 6
+    if any(t.rejected for t in trace):
+        legend.append(f'<rect x="{lx + 8:.1f}" y="{legend_y:.1f}" width="{font_size * 1.4}" height="{font_size * 1.4}" '
+                      f'rx="3" {REJECTED_STYLE}/><text x="{lx + 14 + font_size * 1.4:.1f}" y="{legend_y + font_size:.1f}">'
+                      "rejected draft (verify)</text>")  # fmt: skip
     height = legend_y + line_h + pad
     head = f'<text x="{pad}" y="{pad + font_size:.1f}" font-weight="bold">{html.escape(title)}</text>' if title else ""
     return (
@@ -89,7 +100,8 @@ def to_html(trace: list[TracedToken], title: str = "") -> str:
         f"<body style='font-family:sans-serif'>{to_svg(trace, title)}"
         "<p>Each box is a generated token; its colour is the denoising step of its block that committed it "
         "(0 = the block's first token, an autoregressive step). Boxes of one colour inside a block were committed "
-        "by the same forward pass: that is the parallelism.</p></body>\n"
+        "by the same forward pass: that is the parallelism. Dashed, struck-through boxes (verify) are drafted tokens "
+        "the causal model rejected; its own token follows instead.</p></body>\n"
     )
 
 
