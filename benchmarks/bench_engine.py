@@ -98,7 +98,8 @@ def run_hf(source, inputs, eos, static, time_fn):
     out = source.generate(**inputs, **kwargs)
     lengths = generated_lengths(out, inputs["input_ids"].shape[1], eos)
     steps = out.shape[1] - inputs["input_ids"].shape[1]
-    return dict(ms=ms, tokens=int(lengths.sum()), forwards=steps, tpf_row=1.0, tpf_batch=1.0)
+    return dict(ms=ms, tokens=int(lengths.sum()), forwards=steps, tpf_row=1.0, tpf_batch=1.0,
+                texts=new_tokens(out, inputs, lengths))  # fmt: skip
 
 
 def run_ours(model, inputs, eos, time_fn, **settings):
@@ -109,7 +110,13 @@ def run_ours(model, inputs, eos, time_fn, **settings):
     out = model.generate(**inputs, **kwargs)
     tokens, row_forwards = out.num_generated_tokens.float().cpu(), out.row_forward_passes.float().cpu()
     return dict(ms=ms, tokens=int(tokens.sum()), forwards=out.num_forward_passes,
-                tpf_row=float((tokens / row_forwards).mean()), tpf_batch=float(tokens.sum() / row_forwards.sum()))  # fmt: skip
+                tpf_row=float((tokens / row_forwards).mean()), tpf_batch=float(tokens.sum() / row_forwards.sum()),
+                texts=new_tokens(out.sequences, inputs, out.num_generated_tokens.cpu()))  # fmt: skip
+
+
+def new_tokens(sequences, inputs, lengths) -> list[list[int]]:
+    start = inputs["input_ids"].shape[1]
+    return [sequences[r, start : start + int(n)].tolist() for r, n in enumerate(lengths)]
 
 
 def main(argv=None):
@@ -118,8 +125,9 @@ def main(argv=None):
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--shape", default=None, help="random weights of a named shape instead of --model")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--settings", nargs="+", default=["16:0.9", "16:0.5", "1:1.0"],
-                        help="block_size:threshold[:eager] for our decoder (eager: compile_step=False)")  # fmt: skip
+    parser.add_argument("--settings", nargs="+", default=["16:0.9", "16:0.5", "16:verify", "1:1.0"],
+                        help="block_size:threshold[:eager] for our decoder (eager: compile_step=False), or "
+                        "block_size:verify (lossless verified decoding)")  # fmt: skip
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 4096])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -143,8 +151,10 @@ def main(argv=None):
              notes="tok/s counts each row's tokens up to its EOS. HF static is transformers' compiled static-cache "
                    "decode. ms/forward: ours per engine step (one forward serves every row still decoding), HF per "
                    "decode step. tpf: tokens per forward, per row (mean) and for the batch (tokens / row-forwards). "
+                   "= HF greedy: the fraction of rows whose tokens equal the source's (HF static) greedy output. "
                    "Command: python benchmarks/bench_engine.py " + " ".join(argv or sys.argv[1:]),
-             columns=["batch", "decoder", "tok/s", "ms/forward", "tpf row", "tpf batch", "vs HF static"])  # fmt: skip
+             columns=["batch", "decoder", "tok/s", "ms/forward", "tpf row", "tpf batch", "vs HF static",
+                      "= HF greedy"])  # fmt: skip
 
     for batch in args.batches:
         inputs = batch_inputs(tokenizer, batch, args.device, vocab)
@@ -154,14 +164,21 @@ def main(argv=None):
         }
         for setting in args.settings:
             size, threshold, *eager = setting.split(":")
+            if threshold == "verify":
+                results[f"ours b={size} verify"] = run_ours(
+                    model, inputs, eos, timed, block_size=int(size), verify=True
+                )
+                continue
             name = f"ours b={size} thr {threshold}" + (" uncompiled" if eager else "")
             results[name] = run_ours(model, inputs, eos, timed, block_size=int(size), threshold=float(threshold),
                                      compile_step=not eager)  # fmt: skip
         static_tps = results["HF static"]["tokens"] / results["HF static"]["ms"] * 1000
         for name, r in results.items():
             tps = r["tokens"] / r["ms"] * 1000
+            same = sum(a == b for a, b in zip(r["texts"], results["HF static"]["texts"])) / batch
             rows.append({"batch": batch, "decoder": name, "tok/s": tps, "ms/forward": r["ms"] / r["forwards"],
-                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"], "vs HF static": tps / static_tps})  # fmt: skip
+                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"], "vs HF static": tps / static_tps,
+                         "= HF greedy": same})  # fmt: skip
             print(rows[-1], flush=True)
         save_rows()
 
