@@ -4,6 +4,8 @@ block-diffusion checkpoint that loads with ``trust_remote_code=True``.
 
     python examples/train_lora.py --model smollm2 --dataset sharegpt --output_dir smollm2-bd-lora \
         --block_size 16 --lora_r 16 --max_steps 2000 --learning_rate 2e-4 --bf16 --merged_output_dir smollm2-bd
+    # source-exact: the adapter acts only where blocks are denoised; verify=True then decodes the source's output
+    python examples/train_lora.py ... --adapter_scope noisy
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_lora.py ...
 """
 
@@ -38,9 +40,10 @@ def main(script_args, lora_args, args):
     trainer = BlockDiffusionTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                     processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()  # the adapter
+    trainer.save_model()  # the adapter (--adapter_scope noisy: a loadable checkpoint with its adapter unmerged)
     if lora_args.merged_output_dir and trainer.is_world_process_zero():
-        merged = trainer.model.merge_and_unload()
+        model = trainer.model
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         save_block_diffusion(merged, tokenizer, lora_args.merged_output_dir,
                              {"conversion": {"block_size": args.block_size, "source": script_args.model},
                               "training": trainer.training_summary()})  # fmt: skip

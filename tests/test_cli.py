@@ -16,7 +16,7 @@ from hf_blockdiff import convert as convert_module
 
 EXPECTED_FILES = {"README.md", "blockdiff_card.json", "chat_template.jinja", "config.json", "denoise.py",
                   "generation_config.json", "masks.py", "model.safetensors", "modeling_blockdiff.py",
-                  "engine.py", "policies.py", "compat.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+                  "engine.py", "policies.py", "compat.py", "noisy_adapter.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
 
 
 def digest(path: Path) -> dict:

@@ -90,7 +90,7 @@ def test_convert_checkpoint_writes_complete_folder_and_keeps_source(tmp_path):
     assert tree_digest(src) == before
     files = {p.name for p in dst.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
-            "modeling_blockdiff.py", "masks.py", "denoise.py", "engine.py", "policies.py", "compat.py"} <= files  # fmt: skip
+            "modeling_blockdiff.py", "masks.py", "denoise.py", "engine.py", "policies.py", "compat.py", "noisy_adapter.py"} <= files  # fmt: skip
     assert not any(name.endswith(".bin") for name in files)
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "qwen3"

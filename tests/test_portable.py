@@ -16,7 +16,15 @@ from helpers import convert_tiny_checkpoint, padded_batch, source_model, tiny_to
 
 import hf_blockdiff
 
-PORTABLE = ("modeling_blockdiff.py", "masks.py", "denoise.py", "engine.py", "policies.py", "compat.py")
+PORTABLE = (
+    "modeling_blockdiff.py",
+    "masks.py",
+    "denoise.py",
+    "engine.py",
+    "policies.py",
+    "compat.py",
+    "noisy_adapter.py",
+)
 ALLOWED_TOP_LEVEL = {"torch", "transformers", *sys.stdlib_module_names}  # the standard library is everywhere
 
 LOAD_SCRIPT = r"""

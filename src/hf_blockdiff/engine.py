@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from .compat import cache_argument
 from .masks import decode_meta
+from .noisy_adapter import has_adapter, set_gate
 from .policies import CommitRule, Sampling, propose, speculative_accept
 
 logger = logging.get_logger(__name__)
@@ -158,30 +159,40 @@ class DecodeEngine:
         self._compiled = bool(self._use_graph and (compile_step is None or compile_step))
         self._body = torch.compile(self._step_body, dynamic=False) if self._compiled else self._step_body
         self._index = torch.arange(block_size, device=device)
+        self.gate = torch.zeros(rows, block_size, dtype=model.dtype, device=device) if has_adapter(model) else None
         self.key = None  # set by whoever caches the engine for reuse (generate())
 
     # -- the forward ---------------------------------------------------------------------------------------
-    def _forward(self, ids, length, block_len, causal, rows=None):
-        """Logits of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule."""
+    def _forward(self, ids, length, block_len, causal, rows=None, gate=None):
+        """Logits of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule. ``gate``
+        (``(n, q)``): where a noisy-scope adapter acts (the rows being denoised); off when None."""
         q = ids.shape[1]
         positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
         self.cache.write_index, self.cache.rows = positions, rows
         meta = decode_meta(length, block_len, causal, self.slots_per_row)
         masks = self.model.block_diffusion_masks(meta, length, q)
-        hidden = self.model.model(
-            input_ids=ids,
-            attention_mask=masks,
-            position_ids=positions,
-            use_cache=True,
-            **{self.cache_arg: self.cache},
-        ).last_hidden_state
+        set_gate(self.model, gate)
+        try:
+            hidden = self.model.model(
+                input_ids=ids,
+                attention_mask=masks,
+                position_ids=positions,
+                use_cache=True,
+                **{self.cache_arg: self.cache},
+            ).last_hidden_state
+        finally:
+            set_gate(self.model, None)
         return hidden
 
     def _step_body(self):
         """One forward plus everything it decides, as device operations only (no host reads, no data-dependent
         shapes), so that a single CUDA graph can hold it. Results for the host land in ``self.events``."""
         active = self.phase != IDLE
-        hidden = self._forward(self.block, self.length, self.block_len, self.phase == COMMIT)
+        gate = None
+        if self.gate is not None:  # a noisy-scope adapter acts on the blocks being denoised, never on a commit
+            self.gate.copy_((self.phase == DENOISE).unsqueeze(1).expand_as(self.gate))
+            gate = self.gate
+        hidden = self._forward(self.block, self.length, self.block_len, self.phase == COMMIT, gate=gate)
         logits = self.model.logits_from_hidden(hidden)
         self.forwards += active
         produced = self.generated.unsqueeze(1) + self._index + 1  # the token index each logit predicts

@@ -22,6 +22,7 @@ REQUIRED_FILES = (
     "denoise.py",
     "engine.py",
     "policies.py",
+    "noisy_adapter.py",
     "compat.py",
 )
 

@@ -28,9 +28,13 @@ from transformers.modeling_outputs import ModelOutput
 from .compat import cache_argument, pop_cache
 from .denoise import generate_blocks
 from .masks import IGNORE_INDEX, block_grid, positions_from_padding, render_masks, training_meta
+from .noisy_adapter import attach, has_adapter, set_gate
 
 # Rows of hidden states turned into logits at once in the loss; bounds the (rows x vocab) activation memory.
 LOSS_CHUNK_ROWS = 4096
+# The linear layers a noisy-scope adapter adapts by default (attention and MLP projections of the supported archs).
+NOISY_ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                         "gate_up_proj")  # fmt: skip
 
 
 @dataclass
@@ -61,6 +65,23 @@ class BlockDiffusionMixin:
     _auto_class = "AutoModelForCausalLM"
     # Whether the base model takes `{layer_type: mask}` instead of one mask (set by `register`).
     _mask_per_layer_type = False
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        spec = getattr(config, "noisy_adapter", None)
+        if spec:  # a checkpoint saved with its noisy-scope adapter: recreate the weights it carries
+            attach(self, spec["r"], spec["alpha"], spec["target_modules"])
+
+    def add_noisy_adapter(self, r: int = 16, alpha: float = 32, target_modules=NOISY_ADAPTER_TARGETS) -> list[str]:
+        """Add a noisy-scope adapter (``noisy_adapter.py``): low-rank weights that act only where blocks are
+        denoised, so the causal path stays the source model exactly. Returns the adapted layers' names."""
+        names = attach(self, r, alpha, list(target_modules))
+        self.config.noisy_adapter = {
+            "r": r,
+            "alpha": alpha,
+            "target_modules": sorted({n.split(".")[-1] for n in names}),
+        }
+        return names
 
     # -- configuration ---------------------------------------------------------------------------------
     @property
@@ -129,6 +150,7 @@ class BlockDiffusionMixin:
         """
         cache = pop_cache(kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
         if noisy_input_ids is None:
+            set_gate(self, None)  # a plain forward is the causal path: no noisy-scope adapter
             stock_forward = super().forward
             if cache is not None:
                 kwargs[cache_argument(stock_forward.__func__)] = cache
@@ -155,6 +177,11 @@ class BlockDiffusionMixin:
         batch, copies, length = noisy.shape
         blocks, offsets = block_grid(block_size, attention_mask, labels)
         meta = training_meta(blocks, position_ids, attention_mask, copies)
+        # The noisy-scope adapter acts on the noisy copies only. The gate stays set after this forward: activation
+        # checkpointing recomputes the layers during backward (every forward entry point sets it anew).
+        if has_adapter(self):
+            in_noisy_copies = torch.arange((copies + 1) * length, device=clean.device) < copies * length
+            set_gate(self, in_noisy_copies.to(self.dtype).expand(batch, -1))
         hidden = self.model(
             input_ids=torch.cat([noisy.reshape(batch, copies * length), clean], dim=1),
             attention_mask=self.block_diffusion_masks(meta, 0, (copies + 1) * length),

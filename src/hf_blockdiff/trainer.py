@@ -65,6 +65,17 @@ class BlockDiffusionConfig(SFTConfig):
     mask_token: str | None = field(
         default=None, metadata={"help": "Mask token when the model is converted on the fly (default: <|mask|>)."}
     )
+    adapter_scope: str = field(
+        default="all",
+        metadata={
+            "help": "'all': train the weights (or the peft_config's LoRA) everywhere. 'noisy': train a low-rank "
+            "adapter that acts only on denoising positions (its r / lora_alpha / target_modules from a LoRA "
+            "peft_config, else 16 / 32 / the attention and MLP projections); the causal path stays the source "
+            "model exactly, so verify=True decodes the source's own greedy output. The AR loss then has nothing "
+            "to train and is only logged.",
+            "choices": ["all", "noisy"],
+        },
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "Resume the block-growth schedule from the checkpoint's saved state."}
     )
@@ -81,6 +92,8 @@ class BlockDiffusionConfig(SFTConfig):
                 "packing / padding_free are not supported by BlockDiffusionTrainer: the block grid and the "
                 "context-causal mask are laid out per sample. Set packing=False and padding_free=False."
             )
+        if self.adapter_scope not in ("all", "noisy"):
+            raise ValueError(f"adapter_scope must be 'all' or 'noisy', got {self.adapter_scope!r}.")
         if self.block_growth and not 1 <= self.growth_start <= self.block_size:
             raise ValueError(f"growth_start must be in [1, block_size], got {self.growth_start}.")
         super().__post_init__()
@@ -114,7 +127,10 @@ class BlockDiffusionTrainer(SFTTrainer):
             train_dataset = self_distillation_dataset(
                 model, processing_class, examples_for_run(train_dataset, args), args
             )
-        if peft_config is not None:
+        if args.adapter_scope == "noisy":
+            _add_noisy_adapter(model, peft_config)
+            peft_config = None
+        elif peft_config is not None:
             _train_mask_row(model, peft_config, self.mask_token_id)
 
         if args.block_growth:
@@ -157,7 +173,7 @@ class BlockDiffusionTrainer(SFTTrainer):
             noisy_input_ids=noise.noisy_input_ids,
             diffusion_loss_weights=noise.diffusion_loss_weights,
             block_size=block_size,
-            ar_loss_weight=self.args.ar_loss_weight,
+            ar_loss_weight=0.0 if self.args.adapter_scope == "noisy" else self.args.ar_loss_weight,
             certainty_loss_weight=self.args.certainty_loss_weight,
         )
         gather = self.accelerator.gather_for_metrics
@@ -196,6 +212,8 @@ class BlockDiffusionTrainer(SFTTrainer):
             "max_length": args.max_length,
             "peft": type(self.model.peft_config["default"]).__name__ if hasattr(self.model, "peft_config") else "none (full)",
         }  # fmt: skip
+        if args.adapter_scope == "noisy":
+            summary["peft"] = f"noisy-scope adapter {self.model.config.noisy_adapter} (the causal path is the source)"
         if self.block_growth is not None:
             summary["block growth"] = " -> ".join(
                 f"{size} @ step {step}" for step, size in self.block_growth.transitions
@@ -284,6 +302,31 @@ def self_distillation_dataset(model, tokenizer, dataset, args: BlockDiffusionCon
             targets.save_to_disk(str(cache / "data"))
             (cache / "settings.json").write_text(json.dumps(settings | {"model": model.config._name_or_path}))
         return targets
+
+
+def _add_noisy_adapter(model, peft_config):
+    """Freeze the model and add a noisy-scope adapter (sized like a LoRA ``peft_config`` if one is given)."""
+    from .modeling_blockdiff import NOISY_ADAPTER_TARGETS
+
+    kwargs = {}
+    if peft_config is not None:
+        targets = peft_config.target_modules
+        if targets in (None, "all-linear"):
+            targets = NOISY_ADAPTER_TARGETS
+        if not hasattr(peft_config, "lora_alpha") or isinstance(targets, str):
+            raise ValueError("adapter_scope='noisy' takes a LoraConfig whose target_modules is 'all-linear' or a list "
+                             f"of layer names (got {type(peft_config).__name__}, target_modules={targets!r}).")  # fmt: skip
+        kwargs = dict(r=peft_config.r, alpha=peft_config.lora_alpha, target_modules=list(targets))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    names = model.add_noisy_adapter(**kwargs)
+    # The mask token's embedding row stays as converted: training it means training the whole embedding matrix,
+    # whose every row AdamW's weight decay would move (the causal path would leave the source). The adapter's
+    # first layers see where the masks are anyway.
+    logger.info(f"Noisy-scope adapter on {len(names)} layers {model.config.noisy_adapter}; the AR loss has no "
+                "trainable parameters now (the causal path is the source model) and is only logged.")  # fmt: skip
+    if hasattr(model, "enable_input_require_grads"):  # activation checkpointing needs a grad-carrying input
+        model.enable_input_require_grads()
 
 
 def _train_mask_row(model, peft_config, mask_token_id: int):
