@@ -129,10 +129,25 @@ def test_noisy_blocks_equal_reference_forward(arch, backend):
     assert checked > 10
 
 
+def predictions_made_right(model, ids, am, labels, noisy, pos):
+    """Rewrite every other masked target to the token the model predicts there, so that the certainty term (over
+    correctly predicted masked positions) has positions to cover. In position order: a masked token is never
+    seen by its own prediction, only by later blocks and the clean copy."""
+    ids, labels = ids.clone(), labels.clone()
+    targets = sorted(((j, r) for r, j in (noisy[:, 1:] == model.config.mask_token_id).nonzero() + torch.tensor([0, 1])),
+                     key=lambda t: (int(t[0]), int(t[1])))  # fmt: skip
+    for j, r in targets[::2]:
+        logits = model.logits_from_hidden(hidden_states(model, ids, am, labels, noisy, pos)[r, 0, j - 1]).float()
+        logits[model.config.mask_token_id] = float("-inf")
+        ids[r, j] = labels[r, j] = logits.argmax()
+    return ids, labels
+
+
 @pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
 def test_losses_equal_slow_reference(arch, backend):
     source, model, _ = converted_pair(arch, backend, block_size=BLOCK)
     ids, am, labels, noisy, pos = layout(model.config.mask_token_id, seed=1)
+    ids, labels = predictions_made_right(model, ids, am, labels, noisy, pos)
     with torch.no_grad():
         out = model(
             input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels, block_size=BLOCK
@@ -168,10 +183,8 @@ def test_losses_equal_slow_reference(arch, backend):
     with torch.no_grad():
         forced = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels,
                        block_size=BLOCK, certainty_loss_weight=0.3)  # fmt: skip
-    if correct:
-        torch.testing.assert_close(
-            forced.certainty_loss.item(), entropy_correct / correct, rtol=TOL * 10, atol=TOL * 10
-        )
+    assert count > correct >= count // 2 > 0  # right where made right, and (a random model) rarely elsewhere
+    torch.testing.assert_close(forced.certainty_loss.item(), entropy_correct / correct, rtol=TOL * 10, atol=TOL * 10)
     torch.testing.assert_close(forced.loss, out.loss + 0.3 * forced.certainty_loss)
 
 
