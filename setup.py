@@ -12,7 +12,15 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"hf_blockdiff": ["MODEL_CARD_TEMPLATE.md", "adapters/*/*", "harness_tasks/*"]},
+    package_data={
+        "hf_blockdiff": [
+            "MODEL_CARD_TEMPLATE.md",
+            "adapters/*/*",
+            "harness_tasks/*.yaml",
+            "harness_tasks/*.jsonl",
+            "harness_tasks/*.py",
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -34,7 +42,7 @@ setup(
         # `hf_blockdiff serve`: an OpenAI-compatible server (the `openai` client is only needed by its tests).
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # lm-evaluation-harness: `--model hf` works as is; `python -m hf_blockdiff.harness` adds `hf_blockdiff`.
-        "eval": ["lm_eval>=0.4.8"],
+        "eval": ["lm_eval>=0.4.13,<0.5"],
         "test": [
             "pytest>=8",
             "pytest-timeout",
@@ -43,7 +51,7 @@ setup(
             "fastapi>=0.110",
             "uvicorn>=0.29",
             "openai>=1.0",
-            "lm_eval>=0.4.8",
+            "lm_eval>=0.4.13,<0.5",
         ],
     },
     entry_points={"console_scripts": ["hf_blockdiff=hf_blockdiff.cli:main"]},

@@ -304,13 +304,15 @@ def generate_blocks(
         events = engine.add(prompts, list(range(batch)), policy.max_new_tokens, policy.min_new_tokens,
                             generators=generators, verify=policy.verify)  # fmt: skip
         while True:
-            for row, tokens, at, finished in events:
+            for row, tokens, at, _ in events:
                 generated[row] += tokens
                 committed_at[row] += at
                 if streamer is not None:
                     streamer.put(torch.tensor(tokens))
-                if not finished and stopping_criteria and _stops(stopping_criteria, input_ids[row], generated[row]):
-                    engine.finish(row)
+            if stopping_criteria and events:
+                for row in _stopped_rows(stopping_criteria, input_ids, generated, policy.pad_token_id):
+                    if engine.slots[row].busy:
+                        engine.finish(row)
             if not any(slot.busy for slot in engine.slots):
                 break
             events = engine.step()
@@ -386,6 +388,16 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     return engine
 
 
-def _stops(criteria: StoppingCriteriaList, prompt: torch.Tensor, generated: list[int]) -> bool:
-    sequence = torch.cat([prompt, torch.tensor(generated, dtype=torch.long, device=prompt.device)]).unsqueeze(0)
-    return bool(torch.as_tensor(criteria(sequence, None)).any())
+def _stopped_rows(criteria: StoppingCriteriaList, input_ids: torch.Tensor, generated: list[list[int]], pad: int):
+    """Rows the stopping criteria end, asked once for the whole batch as transformers does (criteria may keep
+    per-row state, e.g. lm-evaluation-harness's). Rows are at different lengths, so each row's new tokens are
+    right-aligned after its prompt (padding between): criteria look at the end of each sequence."""
+    width = max(len(g) for g in generated)
+    tail = torch.full((len(generated), width), pad, dtype=torch.long)
+    for r, g in enumerate(generated):
+        if g:
+            tail[r, width - len(g) :] = torch.tensor(g, dtype=torch.long)
+    stop = torch.as_tensor(criteria(torch.cat([input_ids, tail.to(input_ids.device)], dim=1), None)).reshape(-1)
+    if stop.numel() == 1:  # one answer for the whole batch
+        return range(len(generated)) if bool(stop) else []
+    return stop.nonzero().squeeze(1).tolist()
