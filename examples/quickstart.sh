@@ -14,4 +14,6 @@ hf_blockdiff convert smollm2 out/smollm2-bd --adapter smollm2-bd16 --block-size 
 hf_blockdiff generate out/smollm2-bd "$prompt" --chat --max-new-tokens 128
 hf_blockdiff generate out/smollm2-bd "$prompt" --chat --block-size 16 --threshold 0.9 --max-new-tokens 128 \
   --visualize out/decoding.svg
+# lossless: draft 16-token blocks, keep what the model's own causal pass accepts (the block-size-1 text)
+hf_blockdiff generate out/smollm2-bd "$prompt" --chat --block-size 16 --verify --max-new-tokens 128
 echo "decoding picture: $PWD/out/decoding.svg"
