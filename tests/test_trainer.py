@@ -225,3 +225,26 @@ def test_certainty_loss_is_logged_when_on(tmp_path):
     )
     trainer.train()
     assert any("certainty_loss" in entry for entry in trainer.state.log_history)
+
+
+def test_self_distillation_can_keep_only_trajectories_that_end(tmp_path):
+    """distillation_keep_unfinished=False: every target ends with a stop token (the model learns to stop); when
+    none does, the error says what to change."""
+    tok = tiny_tokenizer()
+    prompts = [[{"role": "user", "content": " ".join(f"w{(s * 7 + i) % WORDS}" for i in range(2 + s % 4))}]
+               for s in range(12)]  # fmt: skip
+    data = Dataset.from_dict({"prompt": prompts, "completion": [[{"role": "assistant", "content": "w1"}]] * 12})
+    stops = [tok.eos_token_id, 7, 13, 21]  # common enough in a random model to end some trajectories early
+
+    def trainer(max_new_tokens, name):
+        model = source_model("llama")
+        model.generation_config.eos_token_id = stops
+        args = config(tmp_path, output_dir=str(tmp_path / name), self_distillation=True, max_steps=2, block_size=4,
+                      distillation_max_new_tokens=max_new_tokens, distillation_keep_unfinished=False)  # fmt: skip
+        return BlockDiffusionTrainer(model, args=args, train_dataset=data, processing_class=tok)
+
+    rows = trainer(12, "some").train_dataset
+    assert 0 < len(rows) < 12
+    assert all(row["finished"] and row["input_ids"][-1] in stops for row in rows)
+    with pytest.raises(ValueError, match="distillation_keep_unfinished"):
+        trainer(1, "none")

@@ -123,5 +123,9 @@ def ar_targets(model, tokenizer, prompts: list, max_new_tokens: int = 256, batch
                 rows["labels"].append([IGNORE_INDEX] * len(prompt) + new)
                 rows["finished"].append(end is not None)
     finished = sum(rows["finished"])
+    if not rows["input_ids"]:
+        raise ValueError(f"No self-distilled trajectory ended with EOS within {max_new_tokens} new tokens, and "
+                         "unfinished ones are dropped: raise max_new_tokens (distillation_max_new_tokens) or keep "
+                         "unfinished targets (distillation_keep_unfinished=True).")  # fmt: skip
     logger.info(f"Self-distillation: {len(rows['input_ids'])} trajectories, {finished} ended with EOS.")
     return Dataset.from_dict(rows)

@@ -62,6 +62,13 @@ class BlockDiffusionConfig(SFTConfig):
     distillation_temperature: float = field(default=0.0, metadata={"help": "Self-distillation: 0 = greedy."})
     distillation_samples: int = field(default=1, metadata={"help": "Self-distillation: samples per prompt (T > 0)."})
     distillation_batch_size: int = field(default=64, metadata={"help": "Self-distillation: decoding batch size."})
+    distillation_keep_unfinished: bool = field(
+        default=True,
+        metadata={
+            "help": "Self-distillation: keep targets cut at distillation_max_new_tokens without an EOS. False keeps "
+            "only trajectories that end, so the model also learns to stop."
+        },
+    )
     mask_token: str | None = field(
         default=None, metadata={"help": "Mask token when the model is converted on the fly (default: <|mask|>)."}
     )
@@ -285,7 +292,8 @@ def self_distillation_dataset(model, tokenizer, dataset, args: BlockDiffusionCon
 
     prompts = prompts_from(dataset)
     settings = {"max_new_tokens": args.distillation_max_new_tokens, "temperature": args.distillation_temperature,
-                "samples": args.distillation_samples, "seed": args.seed}  # fmt: skip
+                "samples": args.distillation_samples, "seed": args.seed,
+                "keep_unfinished": args.distillation_keep_unfinished}  # fmt: skip
     cache = Path(args.output_dir) / "self_distillation" / cache_key(model, tokenizer, prompts, **settings)
     with PartialState().main_process_first():
         if (cache / "settings.json").is_file():  # written last: the targets are complete
@@ -295,7 +303,7 @@ def self_distillation_dataset(model, tokenizer, dataset, args: BlockDiffusionCon
         targets = ar_targets(
             model, tokenizer, prompts, max_new_tokens=args.distillation_max_new_tokens,
             batch_size=args.distillation_batch_size, samples_per_prompt=args.distillation_samples,
-            temperature=args.distillation_temperature, seed=args.seed,
+            temperature=args.distillation_temperature, seed=args.seed, keep_unfinished=args.distillation_keep_unfinished,
         )  # fmt: skip
         model.to(device)
         if PartialState().is_main_process:
