@@ -109,7 +109,8 @@ def test_growth_follows_the_schedule_and_survives_resume(tmp_path):
                                      processing_class=tiny_tokenizer(), callbacks=[recorder, *extra])  # fmt: skip
 
     straight = RecordBlockSize()
-    trainer_with(straight, output_dir=str(tmp_path / "straight")).train()
+    straight_trainer = trainer_with(straight, output_dir=str(tmp_path / "straight"))
+    straight_trainer.train()
     assert straight.sizes == expected
 
     first = RecordBlockSize()
@@ -124,6 +125,14 @@ def test_growth_follows_the_schedule_and_survives_resume(tmp_path):
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert {s: b for s, b in resumed.sizes.items() if s >= 7} == {s: b for s, b in expected.items() if s >= 7}
     assert trainer.model.config.block_size == expected[15]
+
+    # A run in pieces is the straight run: same data position, noise (RNG states), optimizer and schedule.
+    def losses(t):
+        return {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 7}
+
+    assert losses(trainer).keys() == losses(straight_trainer).keys() == set(range(8, 17))
+    for step, loss in losses(straight_trainer).items():
+        assert losses(trainer)[step] == pytest.approx(loss, rel=1e-4), step
     saved_config = json.loads((tmp_path / "straight" / "checkpoint-14" / "config.json").read_text())
     assert saved_config["block_size"] == expected[13]
 
