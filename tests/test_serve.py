@@ -153,6 +153,10 @@ def test_stop_strings_and_seeded_sampling(server):
         crowd = list(pool.map(sample, [7, 8, 9, 7]))
     assert crowd[0].choices[0].text == alone == crowd[3].choices[0].text
     assert len({c.choices[0].text for c in crowd}) > 1  # other seeds give other samples
+    # top_k=1 leaves one token to draw: sampling is greedy decoding then
+    top1 = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, seed=3,
+                                     extra_body={"top_k": 1, "threshold": 0.0})  # fmt: skip
+    assert top1.choices[0].text == reference(model, tok, tok(prompt).input_ids, 12, threshold=0.0)[0]
     wait_until_idle(scheduler)
 
 

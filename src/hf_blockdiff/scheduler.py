@@ -35,6 +35,7 @@ class RequestSettings:
     max_tokens: int
     temperature: float | None = None  # 0: greedy
     top_p: float | None = None
+    top_k: int | None = None  # 0 or None: off
     block_size: int | None = None
     threshold: float | None = None
     verify: bool = False
@@ -192,6 +193,7 @@ class Scheduler:
         self.sampling.do_sample[slot] = temperature > 0
         self.sampling.temperature[slot] = temperature if temperature > 0 else 1.0
         self.sampling.top_p[slot] = settings.top_p if settings.top_p is not None else 1.0
+        self.sampling.top_k[slot] = settings.top_k or 0
         if settings.seed is None or temperature <= 0:
             return None
         return torch.Generator(self.model.device).manual_seed(settings.seed)

@@ -2,8 +2,8 @@
 """``hf_blockdiff serve``: an OpenAI-compatible HTTP server on the decode engine, with continuous batching.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream over SSE with ``stream: true``),
-``GET /v1/models``, ``GET /health``. Besides OpenAI's fields a request may set ``block_size``, ``threshold`` and
-``verify``; ``usage`` reports ``tokens_per_forward`` next to the token counts. Errors are OpenAI-style JSON
+``GET /v1/models``, ``GET /health``. Besides OpenAI's fields a request may set ``top_k``, ``block_size``,
+``threshold`` and ``verify``; ``usage`` reports ``tokens_per_forward`` next to the token counts. Errors are OpenAI-style JSON
 (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
 
 Needs the ``serve`` extra (``pip install 'hf_blockdiff[serve]'``: fastapi, uvicorn). The decoding itself lives in
@@ -62,6 +62,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # not OpenAI's, but common (vLLM): 0 = off
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -160,7 +161,7 @@ def create_app(scheduler: Scheduler, model_name: str, default_max_tokens: int = 
         room = scheduler.max_length - len(ids)
         max_tokens = body.max_tokens or min(default_max_tokens, room)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        settings = RequestSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        settings = RequestSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                    block_size=body.block_size, threshold=body.threshold, verify=body.verify,
                                    seed=body.seed, stop=[s for s in stop if s])  # fmt: skip
         try:
