@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -437,7 +438,11 @@ def apply_adapter(model, adapter):
     mask_id = getattr(model.config, "mask_token_id", None)
     if mask_id is None:
         raise ValueError("apply_adapter needs a converted model (config.mask_token_id); call convert_model first.")
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning about peft's code, not
+        # the user's, printed on every adapter load.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
 def source_license(src) -> str | None:
