@@ -27,14 +27,11 @@ SLOTS, CONTEXT, BLOCK = 4, 256, 4
 WAIT_S = 60  # every wait below is bounded
 
 
-@pytest.fixture(scope="module")
-def server():
-    _, model, tok = converted_pair("llama", block_size=BLOCK)
-    scheduler = Scheduler(model, tok, max_batch=SLOTS, max_length=CONTEXT).start()
+def start_http(app):
+    """Serve ``app`` on a free port of 127.0.0.1 in a thread: (url, stop)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(scheduler, "tiny", default_max_tokens=8)
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
@@ -42,11 +39,22 @@ def server():
     while not http.started:
         assert time.time() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+
+    def stop():
+        http.should_exit = True
+        thread.join(WAIT_S)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server():
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    scheduler = Scheduler(model, tok, max_batch=SLOTS, max_length=CONTEXT).start()
+    url, stop = start_http(create_app(scheduler, "tiny", default_max_tokens=8))
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
     yield model, tok, scheduler, client, url
-    http.should_exit = True
-    thread.join(WAIT_S)
+    stop()
     scheduler.stop()
 
 
@@ -232,3 +240,19 @@ def test_cli_serves_a_converted_folder(tmp_path):
     finally:
         server.terminate()
         server.wait(WAIT_S)
+
+
+def test_an_api_key_guards_v1_but_not_health(server):
+    _, _, scheduler, _, _ = server
+    url, stop = start_http(create_app(scheduler, "tiny", api_key="sesame"))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", timeout=WAIT_S, max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            client.completions.create(model="tiny", prompt="w1", max_tokens=2)
+        status, reply = call(url, "GET", "/v1/models")  # no key at all
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+        assert call(url, "GET", "/health") == (200, {"status": "ok"})
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", timeout=WAIT_S, max_retries=0)
+        assert client.completions.create(model="tiny", prompt="w1", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -258,7 +259,12 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     print(f"Serving {name} ({type(model).__name__}, block size up to {scheduler.block_size}, {args.max_batch} slots "
           f"of {args.max_length} tokens) on http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
-    serve(scheduler, name, host=args.host, port=args.port, default_max_tokens=args.default_max_tokens)
+    api_key = args.api_key or os.environ.get("HF_BLOCKDIFF_API_KEY")
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
+        )
+    serve(scheduler, name, host=args.host, port=args.port, default_max_tokens=args.default_max_tokens, api_key=api_key)
     return 0
 
 
@@ -437,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threshold", type=fraction(), help="default confidence threshold (default: the model's)")
     srv.add_argument("--default-max-tokens", type=at_least(1), default=256,
                      help="max_tokens of a request that sets none (default 256)")  # fmt: skip
+    srv.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: HF_BLOCKDIFF_API_KEY; none: open)"
+    )
     srv.add_argument("--adapter", help="apply a LoRA adapter trained with hf_blockdiff")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     srv.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -13,6 +13,7 @@ Needs the ``serve`` extra (``pip install 'hf_blockdiff[serve]'``: fastapi, uvico
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -97,10 +98,24 @@ class ChatBody(_Common):
 # The app
 
 
-def create_app(scheduler: Scheduler, model_name: str, default_max_tokens: int = 256):
-    """The FastAPI app serving ``scheduler`` under the name ``model_name``. Start the scheduler first."""
+def create_app(scheduler: Scheduler, model_name: str, default_max_tokens: int = 256, api_key: str | None = None):
+    """The FastAPI app serving ``scheduler`` under the name ``model_name``. Start the scheduler first. With
+    ``api_key``, every ``/v1`` request must send ``Authorization: Bearer <api_key>`` (``/health`` stays open)."""
     app = FastAPI(title="hf_blockdiff", description="OpenAI-compatible block-diffusion server")
     tokenizer = scheduler.tokenizer
+
+    @app.middleware("http")
+    async def _check_key(request: HTTPRequest, call_next):
+        if (
+            api_key
+            and request.url.path.startswith("/v1")
+            and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}")
+        ):
+            body = error_body(
+                "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key"
+            )
+            return JSONResponse(body, status_code=401)
+        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(_, error: APIError):
