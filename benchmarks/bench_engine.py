@@ -52,11 +52,11 @@ def load(args):
     import hf_blockdiff
 
     if args.shape:
-        model = random_model(args.shape, "sdpa", device=args.device)
+        model = random_model(args.shape, "sdpa", dtype=getattr(torch, args.dtype), device=args.device)
         source = copy.deepcopy(model)
         source.__class__ = [c for c in type(model).__mro__ if c.__name__.endswith("ForCausalLM")][1]
         return source.eval(), model.eval(), None
-    source, tokenizer = hf_blockdiff.load_source(args.model, dtype="bfloat16")
+    source, tokenizer = hf_blockdiff.load_source(args.model, dtype=args.dtype)
     model, tokenizer = hf_blockdiff.convert_model(copy.deepcopy(source), copy.deepcopy(tokenizer), block_size=16)
     if args.adapter:
         model = hf_blockdiff.apply_adapter(model, args.adapter)
@@ -125,9 +125,14 @@ def main(argv=None):
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--shape", default=None, help="random weights of a named shape instead of --model")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--settings", nargs="+", default=["16:0.9", "16:0.5", "16:verify", "1:1.0"],
+    parser.add_argument("--settings", nargs="+",
+                        default=["1:1.0", "16:0.9", "16:verify:0", "16:verify", "8:verify"],
                         help="block_size:threshold[:eager] for our decoder (eager: compile_step=False), or "
-                        "block_size:verify (lossless verified decoding)")  # fmt: skip
+                        "block_size:verify[:candidates] (lossless verified decoding; candidates 0: two forwards per "
+                        "block; left out: chosen by the batch)")  # fmt: skip
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for the exactness check")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF generate() (e.g. the fp32 exactness run)")
+    parser.add_argument("--no-hf-eager", action="store_true", help="HF static only (eager is slow and no baseline)")
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 4096])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -154,31 +159,40 @@ def main(argv=None):
                    "= HF greedy: the fraction of rows whose tokens equal the source's (HF static) greedy output. "
                    "Command: python benchmarks/bench_engine.py " + " ".join(argv or sys.argv[1:]),
              columns=["batch", "decoder", "tok/s", "ms/forward", "tpf row", "tpf batch", "vs HF static",
-                      "= HF greedy"])  # fmt: skip
+                      "vs ours b=1", "= HF greedy", "= ours b=1"])  # fmt: skip
 
     for batch in args.batches:
         inputs = batch_inputs(tokenizer, batch, args.device, vocab)
-        results = {
-            "HF eager": run_hf(source, inputs, eos, False, timed),
-            "HF static": run_hf(source, inputs, eos, True, timed),
-        }
+        results = {}
+        if not args.no_hf:
+            if not args.no_hf_eager:
+                results["HF eager"] = run_hf(source, inputs, eos, False, timed)
+            results["HF static"] = run_hf(source, inputs, eos, True, timed)
         for setting in args.settings:
-            size, threshold, *eager = setting.split(":")
+            size, threshold, *extra = setting.split(":")
             if threshold == "verify":
-                results[f"ours b={size} verify"] = run_ours(
-                    model, inputs, eos, timed, block_size=int(size), verify=True
-                )
+                candidates = int(extra[0]) if extra else None
+                name = f"ours b={size} verify" + (f" c={candidates}" if extra else " (auto c)")
+                results[name] = run_ours(model, inputs, eos, timed, block_size=int(size), verify=True,
+                                         candidates=candidates)  # fmt: skip
                 continue
+            eager = extra
             name = f"ours b={size} thr {threshold}" + (" uncompiled" if eager else "")
             results[name] = run_ours(model, inputs, eos, timed, block_size=int(size), threshold=float(threshold),
                                      compile_step=not eager)  # fmt: skip
-        static_tps = results["HF static"]["tokens"] / results["HF static"]["ms"] * 1000
+        tps_of = {name: r["tokens"] / r["ms"] * 1000 for name, r in results.items()}
+        ar = results.get("ours b=1 thr 1.0")
+
+        def agree(r, ref):
+            return sum(a == b for a, b in zip(r["texts"], ref["texts"])) / batch if ref else None
+
         for name, r in results.items():
-            tps = r["tokens"] / r["ms"] * 1000
-            same = sum(a == b for a, b in zip(r["texts"], results["HF static"]["texts"])) / batch
+            tps = tps_of[name]
             rows.append({"batch": batch, "decoder": name, "tok/s": tps, "ms/forward": r["ms"] / r["forwards"],
-                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"], "vs HF static": tps / static_tps,
-                         "= HF greedy": same})  # fmt: skip
+                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"],
+                         "vs HF static": tps / tps_of["HF static"] if "HF static" in tps_of else None,
+                         "vs ours b=1": tps / tps_of["ours b=1 thr 1.0"] if ar else None,
+                         "= HF greedy": agree(r, results.get("HF static")), "= ours b=1": agree(r, ar)})  # fmt: skip
             print(rows[-1], flush=True)
         save_rows()
 

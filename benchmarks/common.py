@@ -91,6 +91,8 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
 
     def fmt(value):
+        if value is None:
+            return ""
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
         return str(value)

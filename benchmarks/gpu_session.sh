@@ -33,6 +33,10 @@ for step in "$@"; do case $step in
     log bench generate smollm2; $PY benchmarks/bench_generate.py --model "$GGUF" --out generate_smollm2 2>&1 | grep -v "^{" | tail -45
     log bench generate 1.5b; $PY benchmarks/bench_generate.py --shape qwen2-1.5b --thresholds 0.0 1.0 --out generate_qwen2-1.5b 2>&1 | grep -v "^{" | tail -25
     cp benchmarks/results/generate_* "$OUT/" ;;
+  bench-engine)  # BATCHES, SETTINGS, NAME, EXTRA (e.g. "--dtype float32 --no-hf") from the environment
+    log bench engine $NAME; $PY benchmarks/bench_engine.py --model "$GGUF" --adapter smollm2-bd16 --batches ${BATCHES:-1 16 64} \
+      --settings ${SETTINGS:-1:1.0 16:0.9 16:verify:0 16:verify 8:verify} --contexts ${EXTRA:-} --out "${NAME:-engine_verify}" 2>&1 \
+      | grep -v "^{" | tail -40; cp benchmarks/results/"${NAME:-engine_verify}".* "$OUT/" ;;
   bench-trainer)
     log trainer throughput; $PY benchmarks/bench_trainer.py --source "$GGUF" --data .carry/wiki_train.jsonl 2>&1 | grep -v "^{\|it/s" | tail -12; cp benchmarks/results/trainer_throughput.* "$OUT/" ;;
   multigpu)

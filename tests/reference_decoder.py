@@ -116,3 +116,78 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
         proposal, _ = run(context, block, True, len(block), len(generated) - len(block) + 1)
         first, first_at = proposal[len(block) - 1], forwards
         context += block
+
+
+def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int, candidates: int, eos=(),
+                     min_new: int = 0, guess: bool = True):  # fmt: skip
+    """One-forward verify (docs/design.md 2.6), greedy, one row, no cache: ``(tokens, committed_at, forwards,
+    rejected)`` as the engine should produce them.
+
+    A "forward" here is several full forwards from scratch: the block ``[first, drafts]`` causally after the
+    context, and every candidate on its own: the context, the block's first ``k`` tokens, then ``block_size - 1``
+    masks that see each other. With ``guess``, where the draft's runner-up at the first rejected position is the
+    causal token there, the candidate has that token in place of its first mask. ``rejected``: ``(index, drafted tokens dropped)`` for every cut draft but the last.
+    """
+    windows = _windows(model)
+    mask_id = model.config.mask_token_id
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    greedy = Sampling(*(torch.tensor([v], device=DEVICE) for v in (False, 1.0, 0, 1.0)))
+    eos_ids = torch.tensor([t for t in eos if t < vocab], dtype=torch.long, device=DEVICE)
+
+    def predict(seq: list[int], block_from: int, causal_block: bool, first_index: int, runner_up=False):
+        """Greedy tokens predicted by positions ``block_from ..`` of ``seq`` (each for the position after it);
+        with ``runner_up`` also each position's second choice."""
+        ids = torch.tensor([seq], device=DEVICE)
+        mask = _mask(block_from, len(seq) - block_from, causal_block, windows, model)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(seq), device=DEVICE)[None])
+        picked = logits.logits[:, block_from:]
+        produced = first_index + torch.arange(picked.shape[1], device=DEVICE)
+        tokens, _, dist = propose(picked, greedy, "probability", mask_id, eos_ids, (produced < min_new)[None],
+                                  with_dist=True)  # fmt: skip
+        if runner_up:
+            return tokens[0].tolist(), dist[0].topk(2, dim=-1).indices[:, 1].tolist()
+        return tokens[0].tolist()
+
+    def is_stop(token: int, index: int) -> bool:
+        return token in eos and index >= min_new
+
+    context, generated, committed_at, rejected = list(prompt), [], [], []
+    first, first_at, drafts, seconds = predict(context, len(context) - 1, True, 0)[0], 1, [], []
+    forwards = 1
+    while True:
+        forwards += 1
+        block = [first] + drafts
+        causal = predict(context + block, len(context), True, len(generated) + 1)
+        keep = 1
+        while keep < len(block) and block[keep] == causal[keep - 1]:
+            keep += 1
+        for i in range(keep):  # cut after a kept stop token
+            if is_stop(block[i], len(generated) + i):
+                keep = i + 1
+                break
+        kept, ended = block[:keep], any(is_stop(t, len(generated) + i) for i, t in enumerate(block[:keep]))
+        generated += kept
+        committed_at += [first_at] + [forwards] * (keep - 1)
+        context += kept
+        first = causal[keep - 1]
+        left = max_new - len(generated)
+        if ended or left <= 0:
+            return generated, committed_at, forwards, rejected
+        if left == 1 or is_stop(first, len(generated)):
+            return generated + [first], committed_at + [forwards], forwards, rejected
+        if keep < len(block):
+            rejected.append((len(generated), block[keep:]))
+        # the candidate anchored at the last kept token (or the last with a candidate, read further along): that
+        # token, then masks, seeing each other and the block before it
+        k = min(keep, candidates)
+        anchor = len(context) - keep + k - 1
+        seq = context[: anchor + 1] + [mask_id] * (block_size - 1)
+        if guess and k == keep and keep < len(block) and seconds[keep - 1] == first:
+            seq[anchor + 1] = first
+        guesses, runner_ups = predict(seq, anchor, False, len(generated) - keep + k, runner_up=True)
+        count = min(block_size - 1, block_size - 1 - (keep - k), left - 1)
+        drafts, seconds = (
+            guesses[keep - k + 1 : keep - k + 1 + count],
+            runner_ups[keep - k + 1 : keep - k + 1 + count],
+        )
+        first_at = forwards

@@ -13,10 +13,10 @@ from helpers import source_model, tiny_tokenizer
 
 from hf_blockdiff import cli, hub
 from hf_blockdiff import convert as convert_module
+from hf_blockdiff.hub import PORTABLE_FILES
 
-EXPECTED_FILES = {"README.md", "blockdiff_card.json", "chat_template.jinja", "config.json", "denoise.py",
-                  "generation_config.json", "masks.py", "model.safetensors", "modeling_blockdiff.py",
-                  "engine.py", "policies.py", "compat.py", "noisy_adapter.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+EXPECTED_FILES = {"README.md", "blockdiff_card.json", "chat_template.jinja", "config.json", "generation_config.json",
+                  "model.safetensors", "tokenizer.json", "tokenizer_config.json", *PORTABLE_FILES}  # fmt: skip
 
 
 def digest(path: Path) -> dict:
@@ -82,13 +82,15 @@ def test_convert_then_generate_tiny(tiny_source, tmp_path, capsys):
 
     # --verify prints exactly the block-size-1 text
     texts = []
-    for flags in (["--block-size", "1"], ["--verify"]):
+    for flags in (["--block-size", "1"], ["--verify"], ["--verify", "--candidates", "2"]):
         code, out, err = run(["generate", dst, "w1 w2 w3", "--max-new-tokens", "9", *flags], capsys)
         assert code == 0, err
         texts.append(out)
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] == texts[2]
     code, _, err = run(["generate", dst, "w1", "--verify", "--block-size", "1"], capsys)
     assert code == 1 and "--verify" in err and "hint:" in err
+    code, _, err = run(["generate", dst, "w1", "--candidates", "2"], capsys)
+    assert code == 1 and "--candidates" in err and "hint:" in err
 
 
 def test_interactive_chat_keeps_the_conversation(tiny_source, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import hf_blockdiff
 from hf_blockdiff import convert as convert_module
+from hf_blockdiff.hub import PORTABLE_FILES
 
 
 def saved_source(tmp_path, arch="llama", **overrides):
@@ -90,7 +91,8 @@ def test_convert_checkpoint_writes_complete_folder_and_keeps_source(tmp_path):
     assert tree_digest(src) == before
     files = {p.name for p in dst.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
-            "modeling_blockdiff.py", "masks.py", "denoise.py", "engine.py", "policies.py", "compat.py", "noisy_adapter.py"} <= files  # fmt: skip
+            *PORTABLE_FILES} <= files  # fmt: skip
+    assert {name for name in files if name.endswith(".py")} == set(PORTABLE_FILES)  # the list is complete
     assert not any(name.endswith(".bin") for name in files)
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "qwen3"

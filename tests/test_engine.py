@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from helpers import DEVICE, EOS, PAD, converted_pair, padded_batch
-from reference_decoder import reference_generate
+from reference_decoder import reference_generate, reference_verify
 from transformers import DynamicCache
 
 from hf_blockdiff.engine import DecodeEngine
@@ -253,21 +253,54 @@ def test_generate_reuses_its_engine_and_takes_new_settings():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "mistral"])
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_verified_decoding_is_block_size_1_decoding(arch, block_size):
-    """verify=True: each block is drafted in one step and cut at the first token the causal logits disagree with.
-    A left-padded batch with stop tokens and min_new_tokens gives the block-size-1 output token for token, and
-    every row pays a draft and a verifying forward per block (counted in its forwards)."""
+@pytest.mark.parametrize("block_size,candidates", [(2, 2), (4, 0), (4, 1), (8, 3), (16, 0), (16, 16)])
+def test_verified_decoding_is_block_size_1_decoding(arch, block_size, candidates):
+    """verify=True: each block is cut at the first drafted token the causal logits disagree with. A left-padded
+    batch with stop tokens and min_new_tokens gives the block-size-1 output token for token. Two forwards per
+    block (candidates 0: a draft, then its check) or one (the check also drafts the next block)."""
     model = pair(arch, block_size)
     ids, am = padded_batch([7, 3, 5], seed=11)
     kwargs = dict(attention_mask=am, max_new_tokens=21, eos_token_id=RARE_STOPS, pad_token_id=PAD, min_new_tokens=2,
                   return_dict_in_generate=True)  # fmt: skip
     ar = model.generate(ids, block_size=1, **kwargs)
-    verified = model.generate(ids, block_size=block_size, verify=True, **kwargs)
+    verified = model.generate(ids, block_size=block_size, verify=True, candidates=candidates, **kwargs)
     assert torch.equal(verified.sequences, ar.sequences)
     assert torch.equal(verified.num_generated_tokens, ar.num_generated_tokens)
-    assert (verified.row_forward_passes >= 1 + 2 * (ar.num_generated_tokens - 1) / block_size).all()
+    per_block = 2 if candidates == 0 else 1
+    assert (verified.row_forward_passes >= 1 + per_block * (ar.num_generated_tokens - 1) / block_size).all()
+    assert (verified.row_forward_passes <= ar.row_forward_passes + (candidates == 0) * ar.num_generated_tokens).all()
     assert (verified.committed_at[verified.committed_at >= 0] <= verified.row_forward_passes.max()).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("block_size,candidates,guess",
+                         [(2, 1, True), (2, 2, True), (4, 1, True), (4, 2, False), (4, 4, True), (8, 3, True),
+                          (8, 8, False), (16, 16, True)])  # fmt: skip
+def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidates, guess):
+    """One-forward verify against its brute-force reference (every candidate its own full forward): the same
+    tokens, forwards, commit forwards and rejected drafts, for rows of different lengths in one batch, with stop
+    tokens that end rows inside drafts and candidates and a budget that ends others inside a block."""
+    model = pair(arch, block_size)
+    prompts = prompts_of([6, 2, 9], seed=7)
+    rule, sampling = rule_for("threshold", 0.9, 3), sampling_for(3)
+    engine = DecodeEngine(model, 3, 40, block_size, rule, sampling, eos_token_ids=RARE_STOPS, pad_token_id=PAD,
+                          candidates=candidates, guess=guess)  # fmt: skip
+    tokens, at = {r: [] for r in range(3)}, {r: [] for r in range(3)}
+    budgets = [MAX_NEW, 13, MAX_NEW - 1]
+    events = engine.add(prompts, [0, 1, 2], budgets, 2, verify=True)
+    while any(s.busy for s in engine.slots) or events:
+        for row, new, when, _ in events:
+            tokens[row] += new
+            at[row] += when
+        events = engine.step() if any(s.busy for s in engine.slots) else []
+    for r, prompt in enumerate(prompts):
+        expected, when, forwards, rejected = reference_verify(model, prompt, max_new=budgets[r], block_size=block_size,
+                                                              candidates=candidates, eos=RARE_STOPS, min_new=2,
+                                                              guess=guess)  # fmt: skip
+        assert tokens[r] == expected
+        assert at[r] == when
+        assert engine.forwards[r] == forwards
+        assert engine.slots[r].rejected == rejected
 
 
 def test_verifying_and_threshold_rows_share_a_batch():
@@ -293,11 +326,14 @@ def test_verifying_and_threshold_rows_share_a_batch():
     assert tokens[1] == expected
 
 
-def test_verify_refuses_block_size_1():
+def test_verify_refuses_block_size_1_and_bad_candidates():
     model = pair("llama", 4)
     ids, _ = padded_batch([5], seed=1)
     with pytest.raises(ValueError, match="verify=True"):
         model.generate(ids, verify=True, max_new_tokens=4, block_size=1)
+    for bad in (-1, 5, 1.5, True):
+        with pytest.raises(ValueError, match="candidates must be an integer between 0 and block_size"):
+            model.generate(ids, verify=True, max_new_tokens=4, block_size=4, candidates=bad)
 
 
 def test_speculative_accept_outputs_the_target_distribution():
@@ -320,9 +356,11 @@ def test_speculative_accept_outputs_the_target_distribution():
     assert 0.5 * (q - p).abs().sum() > 0.1  # the test can tell the draft from the target
 
 
-def test_sampled_verify_matches_ar_sampling_in_distribution():
+@pytest.mark.parametrize("candidates", [0, 1, 4])
+def test_sampled_verify_matches_ar_sampling_in_distribution(candidates):
     """Sampled verify: drafts accepted by the speculative-sampling rule. Its tokens follow block-size-1 sampling
-    (as close as two block-size-1 runs with different seeds), while the drafts alone are far off."""
+    (as close as two block-size-1 runs with different seeds), while the drafts alone are far off. Two forwards
+    per block (candidates 0) and one (the next block drafted by a candidate, also with a guessed first token)."""
     _, model, _ = converted_pair("llama", block_size=4)
     n = 1500
     prompt = torch.tensor([[3, 14, 15, 9, 2]], device=DEVICE).repeat(n, 1)
@@ -338,7 +376,7 @@ def test_sampled_verify_matches_ar_sampling_in_distribution():
         return 0.5 * (counts[0] - counts[1]).abs().sum().item()
 
     ar, ar_again = sample(1, block_size=1)[0], sample(2, block_size=1)[0]
-    verified, out = sample(3, block_size=4, verify=True)
+    verified, out = sample(3, block_size=4, verify=True, candidates=candidates)
     drafts = sample(4, block_size=4, threshold=0.0)[0]  # every position from one denoising step
     noise_level = tv(ar, ar_again)
     assert tv(ar, verified) < 1.5 * noise_level + 0.02

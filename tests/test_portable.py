@@ -15,16 +15,8 @@ import transformers
 from helpers import convert_tiny_checkpoint, padded_batch, source_model, tiny_tokenizer
 
 import hf_blockdiff
+from hf_blockdiff.hub import PORTABLE_FILES as PORTABLE
 
-PORTABLE = (
-    "modeling_blockdiff.py",
-    "masks.py",
-    "denoise.py",
-    "engine.py",
-    "policies.py",
-    "compat.py",
-    "noisy_adapter.py",
-)
 ALLOWED_TOP_LEVEL = {"torch", "transformers", *sys.stdlib_module_names}  # the standard library is everywhere
 
 LOAD_SCRIPT = r"""

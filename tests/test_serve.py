@@ -20,7 +20,7 @@ import torch
 import uvicorn
 from helpers import convert_tiny_checkpoint, converted_pair
 
-from hf_blockdiff.scheduler import Scheduler
+from hf_blockdiff.scheduler import Request, RequestSettings, Scheduler
 from hf_blockdiff.serve import create_app
 
 SLOTS, CONTEXT, BLOCK = 4, 256, 4
@@ -256,3 +256,24 @@ def test_an_api_key_guards_v1_but_not_health(server):
         assert client.completions.create(model="tiny", prompt="w1", max_tokens=2).usage.completion_tokens == 2
     finally:
         stop()
+
+
+@pytest.mark.parametrize("defaults", [{"steps_per_block": 2}, {"steps_per_block": 2, "repeat_guard": True}])
+def test_the_scheduler_honours_the_servers_decoding_defaults(defaults):
+    """A server started with a step quota or the repeat guard decodes as generate() does with them: the same
+    tokens in the same number of forwards (they used to be accepted and ignored)."""
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    scheduler = Scheduler(model, tok, max_batch=2, max_length=64, **defaults).start()
+    try:
+        prompt = [3, 14, 15, 9, 2, 6]
+        done = threading.Event()
+        request = Request(prompt, RequestSettings(max_tokens=12),
+                          on_update=lambda _text, reason: reason is not None and done.set())  # fmt: skip
+        scheduler.submit(request)
+        assert done.wait(WAIT_S)
+    finally:
+        scheduler.stop()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=12, block_size=BLOCK, do_sample=False,
+                         eos_token_id=tok.eos_token_id, return_dict_in_generate=True, **defaults)  # fmt: skip
+    assert request.tokens == out.sequences[0, len(prompt) :].tolist()[: len(request.tokens)]
+    assert request.forwards == int(out.row_forward_passes[0])

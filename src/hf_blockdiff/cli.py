@@ -152,6 +152,9 @@ def check_generate_args(args):
     if args.verify and args.block_size == 1:
         raise CLIError("--verify drafts whole blocks; --block-size 1 is already the AR decoding it reproduces.",
                        "Use a --block-size of at least 2 (or none: the model's own).")  # fmt: skip
+    if args.candidates is not None and not args.verify:
+        raise CLIError("--candidates sets how --verify drafts; without --verify it does nothing.",
+                       "Add --verify, or leave --candidates out.")  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -172,6 +175,7 @@ def cmd_generate(args) -> int:
         "min_new_tokens",
         "repeat_guard",
         "verify",
+        "candidates",
     ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -407,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossless: draft each block in one step, keep what the causal model accepts (greedy: the output "
         "equals --block-size 1; --do-sample: speculative sampling, the same distribution as --block-size 1)",
     )
+    gen.add_argument("--candidates", type=at_least(0),
+                     help="with --verify: next blocks each verifying forward drafts (0: a drafting forward of its "
+                     "own per block; default: by device and batch, docs/design.md 2.6)")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=at_least(1), default=128)
     gen.add_argument("--min-new-tokens", type=at_least(0), help="suppress EOS until this many tokens were generated")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

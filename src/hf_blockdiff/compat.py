@@ -14,16 +14,6 @@ from __future__ import annotations
 import inspect
 from functools import cache as _memoize
 
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-
-def _fields(cls) -> set[str]:
-    return set(getattr(cls, "__dataclass_fields__", {}))
-
-
-# Name of the cache field of transformers' outputs (and of our own, which follow it).
-CACHE_FIELD = "cache" if "cache" in _fields(CausalLMOutputWithPast) else "past_key_values"
-
 
 @_memoize
 def cache_argument(forward) -> str:
@@ -38,8 +28,3 @@ def pop_cache(kwargs: dict):
     if old is not None and new is not None:
         raise ValueError("Pass the KV cache once: as `cache` or as `past_key_values`, not both.")
     return new if new is not None else old
-
-
-def output_cache(output):
-    """The cache an output carries, whatever the release calls it."""
-    return getattr(output, CACHE_FIELD, None)

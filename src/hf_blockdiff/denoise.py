@@ -43,7 +43,7 @@ logger = logging.get_logger(__name__)
 DEFAULT_THRESHOLD = 0.9
 # generate() kwargs (and generation_config attributes) that belong to block diffusion
 BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard", "use_cuda_graph",
-                  "compile_step", "verify")  # fmt: skip
+                  "compile_step", "verify", "candidates")  # fmt: skip
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
 UNSUPPORTED = (
     "inputs_embeds",
@@ -103,6 +103,9 @@ class DenoisePolicy:
     repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
     use_cuda_graph: bool | None = None  # None: on CUDA
     verify: bool = False  # draft each block in one step, keep what the causal model accepts (lossless)
+    # verify: candidate next blocks drafted inside each verifying forward (docs/design.md 2.6); None: chosen by the
+    # batch (:func:`verify_candidates`); 0: a separate drafting forward per block
+    candidates: int | None = None
     compile_step: bool | None = None  # torch.compile the captured step (None: whenever a CUDA graph is used)
 
     def commit_rule(self, rows: int, device) -> AnyOf | Threshold | FixedSteps | RepeatGuard:
@@ -187,8 +190,17 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
             f"verify=True drafts whole blocks and keeps what the causal model accepts: it needs block_size >= 2 "
             f"(got {block_size}; block_size=1 is already the AR decoding verify reproduces)."
         )
+    candidates = setting("candidates", None) if verify else 0
+    if candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool)
+                                   or not 0 <= candidates <= block_size):  # fmt: skip
+        raise ValueError(
+            f"candidates must be an integer between 0 and block_size ({block_size}), or None to choose by the "
+            f"batch; got {candidates!r}. It is how many next blocks a verifying forward drafts (0: draft in a "
+            "forward of its own)."
+        )
     return DenoisePolicy(
         verify=verify,
+        candidates=candidates,
         block_size=block_size,
         threshold=threshold,
         steps_per_block=steps_per_block,
@@ -343,6 +355,34 @@ def generate_blocks(
     )
 
 
+# One-forward verify on CUDA: candidates per verifying row while the step's query positions stay within this many
+# (rows x block_size x (1 + 2 x candidates): each candidate also has a guessing copy). Measured on an H200 with
+# SmolLM2 (benchmarks/results/engine_verify_*.md): 272-528 positions at batch 1 cost 13% more than one block of
+# 16, but 384 positions at batch 16 cost 2.2x the 128 of block size 1.
+QUERY_BUDGET = 512
+
+
+def verify_candidates(policy: DenoisePolicy, rows: int, device) -> int:
+    """How many candidate next blocks a verifying forward drafts (docs/design.md 2.6).
+
+    A candidate helps only when the verification keeps exactly the prefix it is anchored at, but every candidate
+    costs ``2 x block_size`` query positions in every forward. On a GPU, extra positions are nearly free while a
+    step is bound by reading the weights (small batches), so acceptance lengths get one each up to the budget. On a
+    CPU they cost their full compute: one candidate triples a block's query positions, and the quick start's
+    verify run (SmolLM2, b=16) took 35 forwards instead of 39 but ran at 5.1 instead of 14.7 tokens/s, so none
+    there (a drafting forward of its own).
+    """
+    if not policy.verify:
+        return 0
+    if policy.candidates is not None:
+        return policy.candidates
+    b = policy.block_size
+    if torch.device(device).type != "cuda":
+        return 0
+    fits = (QUERY_BUDGET // max(rows, 1) // b - 1) // 2
+    return max(1, min(b, fits))
+
+
 # An engine's slots are sized in steps of this many positions, so that calls with nearby lengths share one.
 ENGINE_LENGTH_STEP = 256
 
@@ -367,10 +407,11 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     last engine is kept, so its cache is all the memory held between calls.
     """
     rule, sampling = policy.commit_rule(rows, device), policy.sampling(rows, device)
+    candidates = verify_candidates(policy, rows, device)
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
-           policy.use_cuda_graph, policy.compile_step, structure_of((rule, sampling)), hash(weights))  # fmt: skip
+           policy.use_cuda_graph, policy.compile_step, candidates, structure_of((rule, sampling)), hash(weights))  # fmt: skip
     holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
     engine = holder.engine
     if engine is not None and engine.key == key:
@@ -382,7 +423,7 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     engine = DecodeEngine(model, rows=rows, max_length=length, block_size=policy.block_size, rule=rule,
                           sampling=sampling, confidence=policy.confidence, eos_token_ids=policy.eos_token_ids,
                           pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph,
-                          compile_step=policy.compile_step)  # fmt: skip
+                          compile_step=policy.compile_step, candidates=candidates)  # fmt: skip
     engine.key = key
     holder.engine = engine
     return engine

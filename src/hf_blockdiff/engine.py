@@ -30,7 +30,12 @@ from .policies import CommitRule, Sampling, propose, speculative_accept
 
 logger = logging.get_logger(__name__)
 
-IDLE, DENOISE, COMMIT = 0, 1, 2
+IDLE, DENOISE, COMMIT, AHEAD = 0, 1, 2, 3  # AHEAD: one-forward verify (verify this block, draft the next)
+# The packed result of a step, per row: SHOWN (a block's tokens are output), FINISHED (the row ended), LENGTH
+# (tokens output), DRAFTED (a verified block's drafted length: tokens LENGTH..DRAFTED were rejected), then the
+# tokens and the forward that committed each, ``block_size + 1`` of each.
+SHOWN, FINISHED, LENGTH, DRAFTED = range(4)
+EVENT_FIELDS = 4
 
 
 class SlotCache(Cache):
@@ -104,11 +109,18 @@ class DecodeEngine:
         compile_step: ``torch.compile`` the step before capturing it (CUDA graphs only; None: whenever a graph is
             captured). Fused kernels make a step about 1.9x faster on SmolLM2 (benchmarks/results); compiling
             takes seconds once per engine, and fused kernels may round differently from eager ones.
+        candidates: candidate next blocks each one-forward-verifying row carries (docs/design.md 2.6); 0: none,
+            so verifying rows draft and verify in two forwards. Every step then has
+            ``block_size * (1 + candidates)`` query positions per row (twice that with ``guess``).
+        guess: one-forward verify also carries, for every candidate, a copy whose first mask is replaced by a guess
+            of the causal token there (the draft's runner-up at the position the causal model may reject), used
+            when the guess is right.
     """
 
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
-                 use_cuda_graph: bool | None = None, compile_step: bool | None = None):  # fmt: skip
+                 use_cuda_graph: bool | None = None, compile_step: bool | None = None, candidates: int = 0,
+                 guess: bool = True):  # fmt: skip
         self.model, self.rows, self.block_size = model, rows, block_size
         self.rule, self.sampling, self.measure = rule, sampling, confidence
         self.mask_token_id = getattr(model.config, "mask_token_id", None)
@@ -126,7 +138,13 @@ class DecodeEngine:
         # so a slot has room for a whole block past ``max_length``; those keys are never valid.
         self.max_length = max_length
         self.slots_per_row = max_length + block_size
-        self.cache = SlotCache(rows, self.slots_per_row)
+        # One-forward verify: candidate next blocks of ``width`` masks live in scratch slots after the ordinary ones
+        # (their keys may never land on a committed or verified position); their position ids are the real ones.
+        self.candidates = candidates if block_size > 1 else 0
+        self.width = block_size  # a candidate: the last kept token (its anchor), then block_size - 1 masks
+        self.groups = 2 if guess else 1  # candidates without, and with, a guess of the causal token they follow
+        self.queries = block_size + self.groups * self.candidates * self.width
+        self.cache = SlotCache(rows, self.slots_per_row + self.groups * self.candidates * self.width)
         self.cache_arg = cache_argument(type(model.model).forward)
         long = dict(dtype=torch.long, device=device)
         # Per-row state: all updated in place, so a captured graph that reads it stays valid.
@@ -144,9 +162,12 @@ class DecodeEngine:
         self.committed_at = torch.zeros(rows, block_size, **long)  # the row's forward that committed a position
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
         self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that draft, then verify causally
+        self.ahead = torch.zeros(rows, dtype=torch.bool, device=device)  # ... in one forward per block
+        self.row_candidates = torch.zeros(rows, **long)  # candidates a one-forward-verify row uses (<= candidates)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.proposal = torch.zeros(rows, block_size, **long)
-        self.events = torch.zeros(rows, 4 + 2 * block_size, **long)
+        self.runner_up = torch.zeros(rows, block_size + 1, **long)  # the draft's second choice at each position
+        self.events = torch.zeros(rows, EVENT_FIELDS + 2 * (block_size + 1), **long)
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
         self._sampling = False  # whether any slot samples (a graph is captured for one setting)
         self.noise = None  # Exp(1) draws of every sampling row, for every forward
@@ -157,20 +178,40 @@ class DecodeEngine:
         self._graph = None
         self._use_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self._compiled = bool(self._use_graph and (compile_step is None or compile_step))
+        if self._compiled:
+            # Every engine compiles the same function, once per shape; past dynamo's recompile limit (8) later
+            # engines would silently run uncompiled, so allow one compilation per engine this process builds.
+            config = torch._dynamo.config
+            config.recompile_limit = max(getattr(config, "recompile_limit", 8), 64)
         self._body = torch.compile(self._step_body, dynamic=False) if self._compiled else self._step_body
         self._index = torch.arange(block_size, device=device)
-        self.gate = torch.zeros(rows, block_size, dtype=model.dtype, device=device) if has_adapter(model) else None
+        q = torch.arange(self.queries - block_size, device=device)
+        # Per query position: its offset from the row's length (candidate c: c + j) and its cache slot.
+        anchor = (q // block_size) % max(self.candidates, 1)
+        self._offsets = torch.cat([self._index, anchor + q % block_size])
+        self._scratch = torch.cat([torch.zeros_like(self._index), self.slots_per_row + q])
+        self._is_block = torch.arange(self.queries, device=device) < block_size
+        self.gate = torch.zeros(rows, self.queries, dtype=model.dtype, device=device) if has_adapter(model) else None
         self.key = None  # set by whoever caches the engine for reuse (generate())
 
     # -- the forward ---------------------------------------------------------------------------------------
-    def _forward(self, ids, length, block_len, causal, rows=None, gate=None):
-        """Logits of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule. ``gate``
-        (``(n, q)``): where a noisy-scope adapter acts (the rows being denoised); off when None."""
+    def _forward(self, ids, length, block_len, causal, rows=None, gate=None, candidates=None):
+        """Hidden states of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule.
+        ``gate`` (``(n, q)``): where a noisy-scope adapter acts (the positions being denoised); off when None.
+        ``candidates`` (``(n, C)`` bool, a step of an engine with candidates): which candidate blocks each row
+        carries after its block (see :func:`masks.decode_meta`); ``ids`` then has the step's full query width."""
         q = ids.shape[1]
-        positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
-        self.cache.write_index, self.cache.rows = positions, rows
-        meta = decode_meta(length, block_len, causal, self.slots_per_row)
-        masks = self.model.block_diffusion_masks(meta, length, q)
+        if candidates is None:
+            positions = slots = length.unsqueeze(1) + torch.arange(q, device=ids.device)
+            if self.candidates:  # the scratch slots exist; nothing of this forward uses them
+                candidates = ids.new_zeros(ids.shape[0], self.groups * self.candidates, dtype=torch.bool)
+            offset = length
+        else:
+            positions = length.unsqueeze(1) + self._offsets
+            slots = offset = torch.where(self._is_block, positions, self._scratch)
+        self.cache.write_index, self.cache.rows = slots, rows
+        meta = decode_meta(length, block_len, causal, self.slots_per_row, candidates, self.width, self.groups)
+        masks = self.model.block_diffusion_masks(meta, offset, q)
         set_gate(self.model, gate)
         try:
             hidden = self.model.model(
@@ -188,22 +229,32 @@ class DecodeEngine:
         """One forward plus everything it decides, as device operations only (no host reads, no data-dependent
         shapes), so that a single CUDA graph can hold it. Results for the host land in ``self.events``."""
         active = self.phase != IDLE
+        ahead = self.phase == AHEAD
+        denoising = self.phase == DENOISE
+        ids, candidates = self.block, None
+        if self.candidates:  # every row's block, then its candidates: a block token, then masks (one-forward verify)
+            ahead_ids = self.block.new_full((self.rows, self.groups, self.candidates, self.width), self.mask_token_id)
+            ahead_ids[:, :, :, 0] = self.block[:, None, : self.candidates]
+            if self.groups == 2:
+                ahead_ids[:, 1, :, 1] = self.runner_up[:, 1 : self.candidates + 1]
+            ids = torch.cat([self.block, ahead_ids.flatten(1)], dim=1)
+            candidates = ahead.unsqueeze(1) & (self._index[: self.candidates] < self.row_candidates.unsqueeze(1))
+            candidates = candidates.repeat(1, self.groups)
         gate = None
-        if self.gate is not None:  # a noisy-scope adapter acts on the blocks being denoised, never on a commit
-            self.gate.copy_((self.phase == DENOISE).unsqueeze(1).expand_as(self.gate))
+        if self.gate is not None:  # a noisy-scope adapter acts where blocks are denoised, never on a causal position
+            self.gate.copy_(torch.where(self._is_block, denoising.unsqueeze(1), ahead.unsqueeze(1)))
             gate = self.gate
-        hidden = self._forward(self.block, self.length, self.block_len, self.phase == COMMIT, gate=gate)
-        logits = self.model.logits_from_hidden(hidden)
+        hidden = self._forward(ids, self.length, self.block_len, ~denoising, gate=gate, candidates=candidates)
+        logits = self.model.logits_from_hidden(hidden[:, : self.block_size])
         self.forwards += active
         produced = self.generated.unsqueeze(1) + self._index + 1  # the token index each logit predicts
+        noise = self.noise[:, : self.block_size] if self._sampling else None
         tokens, conf, dist = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
-                                     produced < self.min_new.unsqueeze(1), self.noise if self._sampling else None,
-                                     with_dist=True)  # fmt: skip
+                                     produced < self.min_new.unsqueeze(1), noise, with_dist=True)  # fmt: skip
         self.proposal.copy_(tokens)
 
         # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
         # Verifying rows draft: they fill every open position at once (the commit forward checks the draft).
-        denoising = self.phase == DENOISE
         open_ = ~self.filled[:, 1:] & denoising.unsqueeze(1)
         commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps)
         commit = torch.where(self.verify.unsqueeze(1), open_, commit & open_)
@@ -218,33 +269,18 @@ class DecodeEngine:
         complete = denoising & self.filled.all(dim=1)
 
         # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
-        # A verifying row keeps its block up to the first drafted token the causal logits reject (greedy: disagree
-        # with; sampling: the speculative-sampling test); the causal token there (sampling: a residual draw) is the
-        # next first token. The rest of the cache is overwritten later and never a valid key.
+        # Verifying rows (two-forward: COMMIT; one-forward: AHEAD) keep their block up to the first drafted token
+        # the causal logits reject; the causal token there is the next first token. The rest of the cache is
+        # overwritten later and never a valid key.
         committing = self.phase == COMMIT
         verified = committing & self.verify
-        agree = self.block[:, 1:] == tokens[:, :-1]
-        speculative = self._sampling and self.block_size > 1
-        if speculative:
-            accepted, residual = speculative_accept(dist[:, :-1], self.draft_dist[:, 1:], self.block[:, 1:],
-                                                    self.uniform[:, 1:], self.noise[:, :-1])  # fmt: skip
-            agree = torch.where(self.sampling.do_sample.unsqueeze(1), accepted, agree)
-        agree &= self._index[1:] < self.block_len.unsqueeze(1)
-        keep = torch.where(verified, agree.long().cumprod(dim=1).sum(dim=1) + 1, self.block_len)
-        kept_eos = verified.unsqueeze(1) & self._eos_at(self._index < keep.unsqueeze(1))
-        ends = kept_eos.any(dim=1)
-        keep = torch.where(ends, torch.where(kept_eos, self._index + 1, self.block_size).min(dim=1).values, keep)
-        at = (keep - 1).clamp(min=0).unsqueeze(1)
-        next_first = tokens.gather(1, at).squeeze(1)
-        if speculative:
-            rejected = verified & self.sampling.do_sample & (keep < self.block_len)
-            next_first = torch.where(rejected, residual.gather(1, at.clamp(max=self.block_size - 2)).squeeze(1),
-                                     next_first)  # fmt: skip
+        keep, ends, next_first = self._accept(tokens, dist, verified | ahead)
         report = (self.block.clone(), keep,
                   torch.where(self._index > 0, self.forwards.unsqueeze(1), self.committed_at),
                   self.block_len.clone())  # fmt: skip
-        self.length += torch.where(committing, keep, 0)
-        self.generated += torch.where(committing, keep, 0)
+        moved = committing | ahead
+        self.length += torch.where(moved, keep, 0)
+        self.generated += torch.where(moved, keep, 0)
         self.ended |= ends
         done = verified & (ends | (self.generated >= self.max_new))
         self._start_block(committing & ~done, next_first)
@@ -254,6 +290,85 @@ class DecodeEngine:
         self.phase.masked_fill_(done, IDLE)
         shown = complete & (~self.verify | self.finished)  # a verifying row's draft is not output
         self._record(shown | verified, (self.finished & shown) | done, verified, report)
+        if self.candidates:
+            self._draft_ahead(hidden, ahead, keep, ends, next_first, report)
+
+    def _accept(self, tokens, dist, verifying):
+        """The verifying rows' decision on their drafted block, from the causal ``tokens`` (and ``dist``) of this
+        forward: ``(keep, ends, next_first)``. ``keep``: block tokens kept (the first token plus the longest
+        accepted draft prefix, cut after a kept EOS; other rows: their whole block); ``ends``: a kept EOS;
+        ``next_first``: the causal token after the kept part (sampling rows: the residual draw at a rejection)."""
+        agree = self.block[:, 1:] == tokens[:, :-1]
+        speculative = self._sampling and self.block_size > 1
+        if speculative:
+            accepted, residual = speculative_accept(dist[:, :-1], self.draft_dist[:, 1:], self.block[:, 1:],
+                                                    self.uniform[:, 1:], self.noise[:, : self.block_size - 1])  # fmt: skip
+            agree = torch.where(self.sampling.do_sample.unsqueeze(1), accepted, agree)
+        agree &= self._index[1:] < self.block_len.unsqueeze(1)
+        keep = torch.where(verifying, agree.long().cumprod(dim=1).sum(dim=1) + 1, self.block_len)
+        kept_eos = verifying.unsqueeze(1) & self._eos_at(self._index < keep.unsqueeze(1))
+        ends = kept_eos.any(dim=1)
+        keep = torch.where(ends, torch.where(kept_eos, self._index + 1, self.block_size).min(dim=1).values, keep)
+        at = (keep - 1).clamp(min=0).unsqueeze(1)
+        next_first = tokens.gather(1, at).squeeze(1)
+        if speculative:
+            rejected = verifying & self.sampling.do_sample & (keep < self.block_len)
+            next_first = torch.where(rejected, residual.gather(1, at.clamp(max=self.block_size - 2)).squeeze(1),
+                                     next_first)  # fmt: skip
+        return keep, ends, next_first
+
+    def _draft_ahead(self, hidden, ahead, keep, ends, first, report):
+        """One-forward verify, after the acceptance: each AHEAD row's next block is ``[first, drafts]``, the drafts
+        read from the candidate anchored at the last kept token (docs/design.md 2.6). A row whose accepted prefix
+        had no candidate of its own reads the longest shorter one further along. A row also ends here when
+        ``first`` is its last token (an EOS, or the last of its budget): it is output now, without a forward."""
+        b, w = self.block_size, self.width
+        left = self.max_new - self.generated  # after this step's kept tokens
+        stop = torch.isin(first, self.eos) & (self.generated >= self.min_new)  # (propose forbids it before)
+        last = ahead & ~ends & (left > 0) & (stop | (left == 1))  # ``first`` is the row's last token
+        done = ahead & (ends | (left <= 0) | last)
+        cand = torch.minimum(keep, self.row_candidates).clamp(min=1) - 1  # candidate c is anchored at block token c
+        offset = keep - 1 - cand
+        count = torch.minimum(torch.minimum(self.row_block_size - 1, w - 1 - offset), left - 1).clamp(min=0)
+        count = torch.where(self.row_candidates > 0, count, 0)
+        if self.groups == 2:  # the guessing copy, where it guessed the causal token after a rejected draft
+            guessed = (
+                (offset == 0)
+                & (keep < self.block_len)
+                & (self.runner_up.gather(1, keep.unsqueeze(1)).squeeze(1) == first)
+            )
+            cand = cand + guessed * self.candidates
+        where = (b + cand * w + offset + 1).unsqueeze(1) + self._index[:-1]  # candidate position j predicts j + 1
+        picked = hidden.gather(1, where.clamp(max=self.queries - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        produced = (self.generated + 1).unsqueeze(1) + self._index[:-1]  # token index of the new block's drafts
+        noise = self.noise[:, b:] if self._sampling else None
+        drafts, _, dist = propose(self.model.logits_from_hidden(picked), self.sampling, self.measure,
+                                  self.mask_token_id, self.eos, produced < self.min_new.unsqueeze(1), noise,
+                                  with_dist=True)  # fmt: skip
+        go_on = ahead & ~done
+        use = self._index[:-1] < count.unsqueeze(1)
+        block = torch.cat([first.unsqueeze(1), torch.where(use, drafts, self.pad_token_id)], dim=1)
+        self.block.copy_(torch.where(go_on.unsqueeze(1), block, self.block))
+        if self._sampling:
+            self.draft_dist[:, 1:] = torch.where(
+                (go_on.unsqueeze(1) & use).unsqueeze(-1), dist, self.draft_dist[:, 1:]
+            )
+        if self.groups == 2:
+            self.runner_up[:, 1:-1] = torch.where(go_on.unsqueeze(1), dist.topk(2, dim=-1).indices[..., 1],
+                                                  self.runner_up[:, 1:-1])  # fmt: skip
+            self.runner_up[:, -1] = self.mask_token_id  # (after the block: no guess)
+        at = torch.where(self._index == 0, self.forwards.unsqueeze(1), -1)
+        self.committed_at.copy_(torch.where(go_on.unsqueeze(1), at, self.committed_at))
+        self.block_len.copy_(torch.where(go_on, 1 + count, torch.where(done, 0, self.block_len)))
+        self.filled.masked_fill_(go_on.unsqueeze(1), True)  # a draft fills its positions (the check is next step)
+        self.phase.masked_fill_(done, IDLE)
+        # The host sees the kept tokens (and ``first`` where it is the last); the rest of the draft was rejected.
+        tokens, kept, at, drafted = report
+        end = keep.unsqueeze(1)
+        tokens = torch.nn.functional.pad(tokens, (0, 1), value=self.pad_token_id)
+        tokens = torch.where(last.unsqueeze(1), tokens.scatter(1, end, first.unsqueeze(1)), tokens)
+        at = torch.nn.functional.pad(at, (0, 1), value=-1).scatter(1, end, self.forwards.unsqueeze(1))
+        self._record_rows(ahead, ahead, done, kept + last, tokens, at, drafted)
 
     def _settle(self, complete):
         """Rows whose block just completed: finished (EOS, budget) ones go idle, the others commit next."""
@@ -263,21 +378,24 @@ class DecodeEngine:
         self.finished.copy_(finished)
 
     def _record(self, shown, finished, verified=None, report=None):
-        """Pack what the host needs into one buffer: per row [shown, finished, length, tokens.., at.., drafted]. Rows
-        in ``verified`` report ``report`` (tokens, length, committed_at, drafted) instead of their current block:
-        their tokens past ``length`` up to ``drafted`` are the rejected part of the draft."""
-        b = self.block_size
+        """Pack what the host needs into ``events`` (see :data:`EVENT_FIELDS`). Rows in ``verified`` report
+        ``report`` (tokens, length, committed_at, drafted) instead of their current block: their tokens past
+        ``length`` up to ``drafted`` are the rejected part of the draft."""
         tokens, length, at, drafted = self.block, self.block_len, self.committed_at, self.block_len
         if verified is not None:
             pick = verified.unsqueeze(1)
             tokens, length, at, drafted = (torch.where(pick, report[0], tokens), torch.where(verified, report[1], length),
                                            torch.where(pick, report[2], at), torch.where(verified, report[3], drafted))  # fmt: skip
-        self.events[:, 0] = shown
-        self.events[:, 1] = finished
-        self.events[:, 2] = length
-        self.events[:, 3 : 3 + b] = tokens
-        self.events[:, 3 + b : 3 + 2 * b] = at
-        self.events[:, 3 + 2 * b] = drafted
+        self._record_rows(None, shown, finished, length, tokens, at, drafted)
+
+    def _record_rows(self, rows, shown, finished, length, tokens, at, drafted):
+        """Write the event fields of ``rows`` (a bool mask; None: all rows). ``tokens`` / ``at`` may be one
+        position wider than a block (a one-forward-verify row's last token comes after its whole block)."""
+        width = self.block_size + 1
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        fields = torch.cat([torch.stack([shown.long(), finished.long(), length, drafted], dim=1), pad(tokens),
+                            pad(at)], dim=1)  # fmt: skip
+        self.events.copy_(fields if rows is None else torch.where(rows.unsqueeze(1), fields, self.events))
 
     def _run_step(self):
         if self._use_graph and self._graph is None:
@@ -318,10 +436,10 @@ class DecodeEngine:
             self._use_graph, self._graph = False, None
 
     _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
-              "ended", "finished")  # fmt: skip
+              "ended", "finished", "draft_dist", "runner_up")  # fmt: skip
 
     def _state(self):
-        return {name: getattr(self, name).clone() for name in self._STATE}
+        return {name: getattr(self, name).clone() for name in self._STATE if getattr(self, name) is not None}
 
     def _restore(self, saved):
         for name, value in saved.items():
@@ -340,12 +458,13 @@ class DecodeEngine:
         return [i for i, slot in enumerate(self.slots) if not slot.busy]
 
     def add(self, prompts: list[list[int]], slots: list[int], max_new_tokens, min_new_tokens=None, block_sizes=None,
-            requests=None, generators=None, verify=False):  # fmt: skip
+            requests=None, generators=None, verify=False, candidates=None):  # fmt: skip
         """Prefill ``prompts`` into free ``slots`` (one causal forward) and start their first blocks.
 
         Per-request lists (or one value for all): ``max_new_tokens``, ``min_new_tokens``, ``block_sizes`` (at most
-        the engine's), ``requests`` (anything, kept on the slot), ``generators``. Returns the completed-block
-        events of :meth:`step` (a first block of one token is complete at once).
+        the engine's), ``requests`` (anything, kept on the slot), ``generators``, ``verify``, ``candidates`` (of a
+        verifying row, at most the engine's; None: the engine's; 0: verify in two forwards per block). Returns
+        the completed-block events of :meth:`step` (a first block of one token is complete at once).
         """
         n = len(prompts)
         as_list = lambda v, d: [d] * n if v is None else (list(v) if isinstance(v, (list, tuple)) else [v] * n)  # noqa: E731
@@ -353,6 +472,7 @@ class DecodeEngine:
         block_sizes, requests, generators = (as_list(block_sizes, self.block_size), as_list(requests, None),
                                              as_list(generators, None))  # fmt: skip
         verify = as_list(verify, False)
+        candidates = [self.candidates if c is None else c for c in as_list(candidates, None)]
         longest = max(len(p) for p in prompts)
         for prompt, budget, size in zip(prompts, max_new, block_sizes):
             if not prompt:
@@ -361,9 +481,11 @@ class DecodeEngine:
                 raise ValueError(f"A {len(prompt)}-token prompt plus {budget} new tokens exceeds {self.max_length}.")
             if not 1 <= size <= self.block_size:
                 raise ValueError(f"block_size {size} must be between 1 and the engine's {self.block_size}.")
-        for size, check in zip(block_sizes, verify):
+        for size, check, count in zip(block_sizes, verify, candidates):
             if check and size < 2:
                 raise ValueError("verify=True needs a block size of at least 2.")
+            if not 0 <= count <= self.candidates:
+                raise ValueError(f"candidates {count} must be between 0 and the engine's {self.candidates}.")
         dev = self.device
         rows = torch.tensor(slots, dtype=torch.long, device=dev)
         ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long, device=dev)
@@ -388,6 +510,9 @@ class DecodeEngine:
         self.forwards[rows] = 1
         self.ended[rows] = False
         self.verify[rows] = torch.tensor([bool(v) for v in verify], device=dev)
+        ahead = [bool(v) and c > 0 for v, c in zip(verify, candidates)]
+        self.ahead[rows] = torch.tensor(ahead, device=dev)
+        self.row_candidates[rows] = torch.tensor([c if a else 0 for c, a in zip(candidates, ahead)], device=dev)
         noise = None
         if self._sampling:
             noise = torch.ones(n, 1, last.shape[-1], device=dev)
@@ -401,17 +526,21 @@ class DecodeEngine:
         starting[rows] = True
         firsts = torch.zeros(self.rows, dtype=torch.long, device=dev)
         firsts[rows] = first[:, 0]
-        self._start_block(starting, firsts)
+        ahead = starting & self.ahead  # one-forward verify: the first block is the first token, verified next step
+        self._start_block(starting, firsts, size=torch.where(ahead, 1, self.row_block_size))
         self.finished.zero_()
         complete = starting & self.filled.all(dim=1)
         self._settle(complete)
-        self._record(complete, self.finished & complete)
+        self.phase.copy_(torch.where(ahead & ~self.finished, AHEAD, self.phase))
+        shown = complete & (~ahead | self.finished)
+        self._record(shown, self.finished & shown)
         return self._events()
 
     def _set_sampling(self, sampling: bool):
         """Sampling needs a noise buffer and a graph that reads it; greedy decoding needs neither."""
-        if sampling and self.noise is None:
-            self.noise = torch.ones(self.rows, self.block_size, self.vocab, device=self.device)
+        if sampling and self.noise is None:  # one-forward verify also samples the next block's drafts
+            width = self.block_size + (self.block_size - 1 if self.candidates else 0)
+            self.noise = torch.ones(self.rows, width, self.vocab, device=self.device)
             self.uniform = torch.zeros(self.rows, self.block_size, device=self.device)
             self.draft_dist = torch.ones(self.rows, self.block_size, self.vocab, device=self.device)
         if sampling != self._sampling:
@@ -428,9 +557,10 @@ class DecodeEngine:
                 if state.verify and noise is self.noise:
                     self.uniform[i].uniform_(generator=state.generator)
 
-    def _start_block(self, rows: torch.Tensor, first: torch.Tensor):
-        """Start a block at the ``length`` of the ``rows`` (a bool mask): ``[first, MASK, ...]``."""
-        size = torch.minimum(self.row_block_size, self.max_new - self.generated)
+    def _start_block(self, rows: torch.Tensor, first: torch.Tensor, size: torch.Tensor | None = None):
+        """Start a block at the ``length`` of the ``rows`` (a bool mask): ``[first, MASK, ...]`` of the rows' block
+        size (or ``size``)."""
+        size = torch.minimum(self.row_block_size if size is None else size, self.max_new - self.generated)
         block = torch.full_like(self.block, self.pad_token_id)
         if self.mask_token_id is not None:
             block.masked_fill_(self._index < size.unsqueeze(1), self.mask_token_id)
@@ -481,21 +611,21 @@ class DecodeEngine:
 
     def _events(self):
         """Read the step's packed results (the one device-to-host copy of a step) and do the host bookkeeping."""
-        events, b = [], self.block_size
+        events, width = [], self.block_size + 1
         table = self.events.cpu()
-        for r in table[:, 0].nonzero().squeeze(1).tolist():
-            size = int(table[r, 2])
-            new, at = table[r, 3 : 3 + size].tolist(), table[r, 3 + b : 3 + b + size].tolist()
-            done = bool(table[r, 1])
+        for r in table[:, SHOWN].nonzero().squeeze(1).tolist():
+            row = table[r]
+            size, drafted, done = int(row[LENGTH]), int(row[DRAFTED]), bool(row[FINISHED])
+            tokens, at = row[EVENT_FIELDS : EVENT_FIELDS + width], row[EVENT_FIELDS + width :]
+            new, when = tokens[:size].tolist(), at[:size].tolist()
             slot = self.slots[r]
             slot.block_starts.append(len(slot.tokens))
-            drafted = int(table[r, 3 + 2 * b])
             if drafted > size and not done:  # (after the row's end nothing was rejected: the draft was just unused)
-                slot.rejected.append((len(slot.tokens) + size, table[r, 3 + size : 3 + drafted].tolist()))
+                slot.rejected.append((len(slot.tokens) + size, tokens[size:drafted].tolist()))
             slot.tokens += new
             if done:
-                self.slots[r].busy = False
-            events.append((r, new, at, done))
+                slot.busy = False
+            events.append((r, new, when, done))
         return events
 
     def draft(self, slot: int) -> torch.Tensor:

@@ -13,10 +13,8 @@ logger = logging.get_logger(__name__)
 
 TEMPLATE_PATH = Path(__file__).with_name("MODEL_CARD_TEMPLATE.md")
 CARD_INFO_FILE = "blockdiff_card.json"  # what the card was rendered from, so a later push or training can re-render
-REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "README.md",
+# The Hub-portable modules (docs/design.md 4): a converted folder carries them as remote code. The one list of them.
+PORTABLE_FILES = (
     "modeling_blockdiff.py",
     "masks.py",
     "denoise.py",
@@ -25,6 +23,7 @@ REQUIRED_FILES = (
     "noisy_adapter.py",
     "compat.py",
 )
+REQUIRED_FILES = ("config.json", "generation_config.json", "README.md", *PORTABLE_FILES)
 
 
 def render_model_card(

@@ -100,14 +100,18 @@ class TokenMeta:
 def context_causal_rule(meta: TokenMeta, q_offset, window: int | None):
     """The mask rule as ``rule(batch, head, q, kv) -> bool``; queries are keys ``q_offset ..`` of the sequence.
 
-    ``q_offset`` is an int, or a ``(batch,)`` tensor when each row's queries start elsewhere (the decode engine's
-    per-row cache positions). Written with tensor ops only, so the same function is evaluated densely (broadcast
+    ``q_offset`` is an int, a ``(batch,)`` tensor when each row's queries start elsewhere (the decode engine's
+    per-row cache positions), or a ``(batch, q_len)`` tensor naming every query's key index (the engine's
+    candidate blocks live in scratch slots, away from their rows' other queries). Written with tensor ops only, so the same function is evaluated densely (broadcast
     index tensors) and as a flex-attention ``mask_mod`` (scalar index tensors).
     """
     stream, block, position, valid = meta.stream, meta.block, meta.position, meta.valid
 
     def rule(b, h, q, kv):
-        qa = q + (q_offset[b] if isinstance(q_offset, torch.Tensor) else q_offset)
+        if not isinstance(q_offset, torch.Tensor):
+            qa = q + q_offset
+        else:
+            qa = q_offset[b, q] if q_offset.dim() == 2 else q + q_offset[b]
         q_stream, k_stream = stream[b, qa], stream[b, kv]
         q_block, k_block = block[b, qa], block[b, kv]
         k_clean = k_stream == CLEAN
@@ -244,20 +248,42 @@ def denoise_meta(
     )
 
 
-def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Tensor, slots: int) -> TokenMeta:
+def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Tensor, slots: int,
+                candidates: torch.Tensor | None = None, width: int = 0, groups: int = 1) -> TokenMeta:  # fmt: skip
     """Metadata of a decode-engine cache of ``slots`` positions (slot index = position id), for one step.
 
     Per row: ``length`` committed tokens (clean context), then the active block of ``block_len`` tokens at slots
-    ``length ..``; the block is a noisy block (bidirectional) unless ``causal`` (its commit forward). Every other
-    slot (stale provisional keys, positions after an EOS inside the block) is invalid.
+    ``length ..``; the block is a noisy block (bidirectional) unless ``causal`` (its commit or verifying forward).
+    Every other slot (stale provisional keys, positions after an EOS inside the block) is invalid.
+
+    ``candidates`` (``(rows, C)`` bool, one-forward verify): scratch slots after the ``slots`` ordinary ones hold
+    ``C`` candidate next blocks of ``width`` tokens each. Candidate ``c`` is anchored at the block's token ``c``:
+    its positions are ``length + c ..``, it sees the context and the block's tokens before ``c`` (the causal
+    block's slots carry their offset as block id, the candidate ``c``), and itself bidirectionally. Candidates
+    that are off for a row, or whose anchor lies past the block, are invalid keys. With ``groups`` > 1,
+    ``candidates`` is ``(rows, groups * C)``: each group is a copy of the ``C`` candidates in a stream of its own.
     """
     slot = torch.arange(slots, device=length.device).unsqueeze(0)
     start, end = length.unsqueeze(1), (length + block_len).unsqueeze(1)
     in_block = (slot >= start) & (slot < end)
     noisy = in_block & ~causal.unsqueeze(1)
-    return TokenMeta(
+    meta = TokenMeta(
         stream=torch.where(noisy, 0, CLEAN),
-        block=torch.where(slot < start, -1, 0),
+        block=torch.where(slot < start, -1, torch.where(noisy, 0, slot - start)),
         position=slot.expand(length.shape[0], -1),
         valid=(slot < end),
+    )
+    if candidates is None or not candidates.shape[1]:
+        return meta
+    count = candidates.shape[1]
+    index = torch.arange(count, device=length.device).repeat_interleave(width)
+    anchor, group = index % (count // groups), index // (count // groups)
+    offset = torch.arange(width, device=length.device).repeat(count)
+    use = candidates.repeat_interleave(width, dim=1) & (anchor < block_len.unsqueeze(1))
+    rows = length.shape[0]
+    return TokenMeta(
+        stream=torch.cat([meta.stream, group.expand(rows, -1)], dim=1),
+        block=torch.cat([meta.block, anchor.expand(rows, -1)], dim=1),
+        position=torch.cat([meta.position, length.unsqueeze(1) + anchor + offset], dim=1),
+        valid=torch.cat([meta.valid, use], dim=1),
     )

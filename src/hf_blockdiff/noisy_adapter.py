@@ -78,7 +78,3 @@ def set_gate(model: nn.Module, value: torch.Tensor | None):
 
 def has_adapter(model: nn.Module) -> bool:
     return getattr(model, GATE_ATTRIBUTE, None) is not None
-
-
-def adapter_parameters(model: nn.Module):
-    return [p for n, p in model.named_parameters() if n.endswith(("noisy_lora_A", "noisy_lora_B"))]

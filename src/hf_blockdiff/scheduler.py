@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.utils import logging
 
-from .denoise import dense_attention, resolve_policy
+from .denoise import dense_attention, resolve_policy, verify_candidates
 from .engine import DecodeEngine
-from .policies import Sampling, Threshold
+from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold
 
 logger = logging.get_logger(__name__)
 
@@ -78,7 +78,14 @@ class Scheduler:
         self.block_size = self.defaults.block_size
         self.max_batch, self.max_length = max_batch, max_length
         device, rows = model.device, max_batch
-        self.rule = Threshold(torch.ones(rows, device=device))
+        # Per-request thresholds, within the server's rule (a step quota and the repeat guard apply to every row).
+        threshold = Threshold(torch.ones(rows, device=device))
+        self.thresholds = threshold.threshold
+        self.rule = threshold
+        if self.defaults.steps_per_block is not None:
+            self.rule = AnyOf(FixedSteps(torch.full((rows,), self.defaults.steps_per_block, device=device)), threshold)
+        if self.defaults.repeat_guard:
+            self.rule = RepeatGuard(self.rule)
         self.sampling = Sampling(
             do_sample=torch.zeros(rows, dtype=torch.bool, device=device),
             temperature=torch.ones(rows, device=device),
@@ -88,7 +95,11 @@ class Scheduler:
         self.engine = DecodeEngine(
             model, rows=rows, max_length=max_length, block_size=self.block_size, rule=self.rule,
             sampling=self.sampling, confidence=self.defaults.confidence, eos_token_ids=self.defaults.eos_token_ids,
-            pad_token_id=self.defaults.pad_token_id,
+            pad_token_id=self.defaults.pad_token_id, use_cuda_graph=self.defaults.use_cuda_graph,
+            compile_step=self.defaults.compile_step,
+            # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
+            candidates=verify_candidates(replace(self.defaults, verify=True, candidates=None), rows, device)
+            if self.block_size > 1 else 0,
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()
@@ -189,7 +200,7 @@ class Scheduler:
         if temperature is None:
             temperature = self.defaults.temperature if self.defaults.do_sample else 0.0
         threshold = settings.threshold if settings.threshold is not None else self.defaults.threshold
-        self.rule.threshold[slot] = 1.0 if threshold is None else threshold
+        self.thresholds[slot] = 1.0 if threshold is None else threshold
         self.sampling.do_sample[slot] = temperature > 0
         self.sampling.temperature[slot] = temperature if temperature > 0 else 1.0
         self.sampling.top_p[slot] = settings.top_p if settings.top_p is not None else 1.0
