@@ -197,6 +197,7 @@ def test_a_client_killed_mid_stream_frees_its_slot(server):
         ({"model": "tiny", "prompt": "w1", "n": 2}, 400, "n"),
         ({"model": "tiny", "prompt": "w1", "block_size": BLOCK + 1}, 400, None),
         ({"model": "tiny", "prompt": "w1", "verify": True, "block_size": 1}, 400, None),
+        ({"model": "tiny", "prompt": "w1", "verify": True, "candidates": 1}, 400, None),  # the CPU server has 0
         ({"model": "tiny", "prompt": [10**6]}, 400, "prompt"),
         ({"model": "other", "prompt": "w1"}, 404, "model"),
         ({"model": "tiny"}, 400, "prompt"),
@@ -277,3 +278,30 @@ def test_the_scheduler_honours_the_servers_decoding_defaults(defaults):
                          eos_token_id=tok.eos_token_id, return_dict_in_generate=True, **defaults)  # fmt: skip
     assert request.tokens == out.sequences[0, len(prompt) :].tolist()[: len(request.tokens)]
     assert request.forwards == int(out.row_forward_passes[0])
+
+
+def test_verifying_requests_choose_their_candidates():
+    """A server built with candidates: verifying requests draft in one forward per block (or two, with
+    candidates=0), each equal to block-size-1 decoding, and one asking for more candidates than it has is refused."""
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    scheduler = Scheduler(model, tok, max_batch=3, max_length=64, candidates=2).start()
+    prompt = [3, 14, 15, 9, 2, 6]
+    try:
+        with pytest.raises(ValueError, match="candidates must be between 0 and this server's 2"):
+            scheduler.check(prompt, RequestSettings(max_tokens=4, verify=True, candidates=3))
+        requests = []
+        for count in (None, 0, 1):
+            done = threading.Event()
+            request = Request(prompt, RequestSettings(max_tokens=12, verify=True, candidates=count),
+                              on_update=lambda _text, reason, done=done: reason is not None and done.set())  # fmt: skip
+            requests.append((scheduler.submit(request), done))
+        assert all(done.wait(WAIT_S) for _, done in requests)
+    finally:
+        scheduler.stop()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=12, block_size=1, eos_token_id=tok.eos_token_id)
+    ar = out[0, len(prompt) :].tolist()
+    if tok.eos_token_id in ar:
+        ar = ar[: ar.index(tok.eos_token_id) + 1]
+    for request, _ in requests:
+        assert request.tokens == ar
+    assert requests[1][0].forwards > requests[0][0].forwards  # two forwards per block against one

@@ -42,8 +42,9 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_THRESHOLD = 0.9
 # generate() kwargs (and generation_config attributes) that belong to block diffusion
-BLOCK_SETTINGS = ("block_size", "threshold", "steps_per_block", "confidence", "repeat_guard", "use_cuda_graph",
-                  "compile_step", "verify", "candidates")  # fmt: skip
+# How a block is decoded (what a result reports beside block_size), and every block-diffusion generate() kwarg.
+DECODING_SETTINGS = ("threshold", "steps_per_block", "confidence", "repeat_guard", "verify", "candidates")
+BLOCK_SETTINGS = ("block_size", *DECODING_SETTINGS, "use_cuda_graph", "compile_step")
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
 UNSUPPORTED = (
     "inputs_embeds",

@@ -13,6 +13,9 @@ Hub-portable: imports only torch, transformers and its sibling files.
   ``(rows, block_size)`` serves both; elsewhere the same code runs eagerly.
 - Rows advance independently: a row whose block is done commits while others still denoise, and a row that
   ended idles (or takes a new request, see :meth:`DecodeEngine.add`).
+- A verifying row either drafts its block in one step and verifies it in the next (two forwards per block), or,
+  with candidates, verifies its block and drafts the next one in the same forward (``AHEAD``, one forward per
+  block; docs/design.md 2.6). The step then also carries every row's candidate blocks, in scratch slots.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .denoise import BLOCK_SETTINGS
+from .denoise import BLOCK_SETTINGS, DECODING_SETTINGS
 from .modeling_blockdiff import block_diffusion_class
 
 TASKS_DIR = Path(__file__).resolve().with_name("harness_tasks")
@@ -212,7 +212,7 @@ class BlockDiffusionLM(HFLM):
         counts["batch_forwards"] += int(out.num_forward_passes)
         gc = self.model.generation_config
         settings = {"block_size": out.block_size}
-        for name in ("threshold", "steps_per_block", "verify", "repeat_guard", "confidence"):
+        for name in DECODING_SETTINGS:
             value = kwargs.get(name, getattr(gc, name, None))
             if value is not None:
                 settings[name] = value

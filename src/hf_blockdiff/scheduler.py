@@ -39,6 +39,7 @@ class RequestSettings:
     block_size: int | None = None
     threshold: float | None = None
     verify: bool = False
+    candidates: int | None = None  # verify: next blocks drafted per verifying forward (None: the server's)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
@@ -98,8 +99,8 @@ class Scheduler:
             pad_token_id=self.defaults.pad_token_id, use_cuda_graph=self.defaults.use_cuda_graph,
             compile_step=self.defaults.compile_step,
             # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
-            candidates=verify_candidates(replace(self.defaults, verify=True, candidates=None), rows, device)
-            if self.block_size > 1 else 0,
+            candidates=verify_candidates(replace(self.defaults, verify=True, candidates=defaults.get("candidates")),
+                                         rows, device) if self.block_size > 1 else 0,
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()
@@ -123,6 +124,9 @@ class Scheduler:
             raise ValueError(f"block_size must be between 1 and this server's {self.block_size}, got {size}.")
         if settings.verify and size < 2:
             raise ValueError("verify needs a block_size of at least 2.")
+        if settings.candidates is not None and not 0 <= settings.candidates <= self.engine.candidates:
+            raise ValueError(f"candidates must be between 0 and this server's {self.engine.candidates}, got "
+                             f"{settings.candidates}.")  # fmt: skip
 
     def submit(self, request: Request) -> Request:
         self.check(request.prompt, request.settings)
@@ -191,6 +195,7 @@ class Scheduler:
                 requests=new,
                 generators=generators,
                 verify=[r.settings.verify for r in new],
+                candidates=[r.settings.candidates for r in new],
             )  # fmt: skip
         )
 

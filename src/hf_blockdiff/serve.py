@@ -73,6 +73,7 @@ class _Common(BaseModel):
     block_size: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, ge=0, le=1)
     verify: bool = False
+    candidates: int | None = Field(default=None, ge=0)  # verify: next blocks drafted per verifying forward
 
 
 class CompletionBody(_Common):
@@ -178,7 +179,7 @@ def create_app(scheduler: Scheduler, model_name: str, default_max_tokens: int = 
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         settings = RequestSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                    block_size=body.block_size, threshold=body.threshold, verify=body.verify,
-                                   seed=body.seed, stop=[s for s in stop if s])  # fmt: skip
+                                   candidates=body.candidates, seed=body.seed, stop=[s for s in stop if s])  # fmt: skip
         try:
             scheduler.check(ids, settings)
         except ValueError as error:
