@@ -42,7 +42,8 @@ setup(
         # `hf_blockdiff serve`: an OpenAI-compatible server (the `openai` client is only needed by its tests).
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # lm-evaluation-harness: `--model hf` works as is; `python -m hf_blockdiff.harness` adds `hf_blockdiff`.
-        "eval": ["lm_eval>=0.4.13,<0.5"],
+        # Its `api` extra (tenacity, aiohttp, ...) runs `--model local-completions` against `hf_blockdiff serve`.
+        "eval": ["lm_eval[api]>=0.4.13,<0.5"],
         "test": [
             "pytest>=8",
             "pytest-timeout",
@@ -51,7 +52,7 @@ setup(
             "fastapi>=0.110",
             "uvicorn>=0.29",
             "openai>=1.0",
-            "lm_eval>=0.4.13,<0.5",
+            "lm_eval[api]>=0.4.13,<0.5",
         ],
     },
     entry_points={"console_scripts": ["hf_blockdiff=hf_blockdiff.cli:main"]},

@@ -5,7 +5,8 @@
 
 Decoders: the source model under HF ``generate()`` (eager dynamic cache, and ``cache_implementation="static"``,
 which transformers compiles on CUDA), and ``model.generate()`` of the block-diffusion model (the engine). Chat
-prompts, greedy, 128 new tokens (up to each row's EOS), batches 1 / 16 / 64. Columns: tok/s (generated tokens
+prompts, greedy, 128 new tokens (up to each row's EOS), batches 1 / 16 / 64 (batch 1: each of the 40 prompts
+alone). Columns: tok/s (generated tokens
 over wall time; CUDA events after warm-up, median of repeats), ms per forward (ours: per engine step; HF: per
 decode step), tokens per forward per row (mean of each row's tokens / its forwards) and for the batch (all tokens
 / all row-forwards), and the ratio to HF static tok/s measured in the same run. Then ms per forward at a 128 and
@@ -63,7 +64,7 @@ def load(args):
     return source.to(args.device).eval(), model.to(args.device).eval(), tokenizer
 
 
-def batch_inputs(tokenizer, batch, device, vocab, context=None):
+def batch_inputs(tokenizer, batch, device, vocab, context=None, first=0, pad_to=None):
     if tokenizer is None or context:  # random prompts (random model, or a fixed context length)
         g = torch.Generator().manual_seed(0)
         lengths = [context] * batch if context else [24 + (7 * i) % 20 for i in range(batch)]
@@ -75,10 +76,11 @@ def batch_inputs(tokenizer, batch, device, vocab, context=None):
         return {"input_ids": ids.to(device), "attention_mask": am.to(device)}
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in (PROMPTS * 2)[:batch]
+        for p in (PROMPTS * 2)[first : first + batch]
     ]
     tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    padding = dict(padding="max_length", max_length=pad_to) if pad_to else dict(padding=True)
+    return tokenizer(texts, return_tensors="pt", **padding).to(device)
 
 
 def generated_lengths(sequences, prompt_len, eos_ids):
@@ -90,28 +92,43 @@ def generated_lengths(sequences, prompt_len, eos_ids):
     return first.cpu()
 
 
-def run_hf(source, inputs, eos, static, time_fn):
+def run_groups(generate, groups, time_fn):
+    """Time ``generate(inputs)`` over every group of prompts in turn (warm-up: the first group, which compiles
+    and captures); returns (ms, outputs of the timed run)."""
+    outputs = []
+
+    def every_group():
+        outputs[:] = [generate(inputs) for inputs in groups]
+
+    generate(groups[0])
+    return time_fn(every_group), outputs
+
+
+def run_hf(source, groups, eos, static, time_fn):
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos or None, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
-    ms = time_fn(lambda: source.generate(**inputs, **kwargs))
-    out = source.generate(**inputs, **kwargs)
-    lengths = generated_lengths(out, inputs["input_ids"].shape[1], eos)
-    steps = out.shape[1] - inputs["input_ids"].shape[1]
-    return dict(ms=ms, tokens=int(lengths.sum()), forwards=steps, tpf_row=1.0, tpf_batch=1.0,
-                texts=new_tokens(out, inputs, lengths))  # fmt: skip
+    ms, outs = run_groups(lambda inputs: source.generate(**inputs, **kwargs), groups, time_fn)
+    tokens, steps, texts = 0, 0, []
+    for inputs, out in zip(groups, outs):
+        lengths = generated_lengths(out, inputs["input_ids"].shape[1], eos)
+        tokens, steps = tokens + int(lengths.sum()), steps + out.shape[1] - inputs["input_ids"].shape[1]
+        texts += new_tokens(out, inputs, lengths)
+    return dict(ms=ms, tokens=tokens, forwards=steps, tpf_row=1.0, tpf_batch=1.0, texts=texts)
 
 
-def run_ours(model, inputs, eos, time_fn, **settings):
+def run_ours(model, groups, eos, time_fn, **settings):
     kwargs = dict(
         max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **settings
     )
-    ms = time_fn(lambda: model.generate(**inputs, **kwargs))
-    out = model.generate(**inputs, **kwargs)
-    tokens, row_forwards = out.num_generated_tokens.float().cpu(), out.row_forward_passes.float().cpu()
-    return dict(ms=ms, tokens=int(tokens.sum()), forwards=out.num_forward_passes,
+    ms, outs = run_groups(lambda inputs: model.generate(**inputs, **kwargs), groups, time_fn)
+    tokens = torch.cat([out.num_generated_tokens.float().cpu() for out in outs])
+    row_forwards = torch.cat([out.row_forward_passes.float().cpu() for out in outs])
+    texts = [t for inputs, out in zip(groups, outs)
+             for t in new_tokens(out.sequences, inputs, out.num_generated_tokens.cpu())]  # fmt: skip
+    return dict(ms=ms, tokens=int(tokens.sum()), forwards=sum(out.num_forward_passes for out in outs),
                 tpf_row=float((tokens / row_forwards).mean()), tpf_batch=float(tokens.sum() / row_forwards.sum()),
-                texts=new_tokens(out.sequences, inputs, out.num_generated_tokens.cpu()))  # fmt: skip
+                texts=texts)  # fmt: skip
 
 
 def new_tokens(sequences, inputs, lengths) -> list[list[int]]:
@@ -136,6 +153,7 @@ def main(argv=None):
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 4096])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="batch 1 runs each of the first N alone")
     parser.add_argument("--out", default="engine_smollm2")
     args = parser.parse_args(argv)
 
@@ -145,8 +163,8 @@ def main(argv=None):
     cuda = torch.device(args.device).type == "cuda"
     time_fn = timer(args.device)
 
-    def timed(fn):
-        return time_fn(fn, warmup=1, repeats=args.repeats) if cuda else time_fn(fn, warmup=0, repeats=1)
+    def timed(fn):  # (run_groups warms up)
+        return time_fn(fn, warmup=0, repeats=args.repeats if cuda else 1)
 
     rows = []
     what = f"random {args.shape}" if args.shape else f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
@@ -162,46 +180,56 @@ def main(argv=None):
                       "vs ours b=1", "= HF greedy", "= ours b=1"])  # fmt: skip
 
     for batch in args.batches:
-        inputs = batch_inputs(tokenizer, batch, args.device, vocab)
+        if batch == 1 and tokenizer is not None:  # each of the first --prompts prompts alone, left-padded to one
+            # shape (HF static compiles once per shape)
+            longest = batch_inputs(tokenizer, args.prompts, "cpu", vocab)["input_ids"].shape[1]
+            groups = [batch_inputs(tokenizer, 1, args.device, vocab, first=i, pad_to=longest)
+                      for i in range(args.prompts)]  # fmt: skip
+        else:
+            groups = [batch_inputs(tokenizer, batch, args.device, vocab)]
         results = {}
+
+        def measured(name, r):  # a row per decoder as soon as it is measured (a run cut short keeps them)
+            results[name] = r
+            tps, ar, ref = r["tokens"] / r["ms"] * 1000, results.get("ours b=1 thr 1.0"), results.get("HF static")
+
+            def tps_of(x):
+                return x["tokens"] / x["ms"] * 1000
+
+            def agree(ref):
+                return sum(a == b for a, b in zip(r["texts"], ref["texts"])) / len(r["texts"]) if ref else None
+
+            rows.append({"batch": batch, "decoder": name, "tok/s": tps, "ms/forward": r["ms"] / r["forwards"],
+                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"],
+                         "vs HF static": tps / tps_of(ref) if ref else None, "vs ours b=1": tps / tps_of(ar) if ar else None,
+                         "= HF greedy": agree(ref), "= ours b=1": agree(ar)})  # fmt: skip
+            print(rows[-1], flush=True)
+            save_rows()
+
         if not args.no_hf:
             if not args.no_hf_eager:
-                results["HF eager"] = run_hf(source, inputs, eos, False, timed)
-            results["HF static"] = run_hf(source, inputs, eos, True, timed)
+                measured("HF eager", run_hf(source, groups, eos, False, timed))
+            measured("HF static", run_hf(source, groups, eos, True, timed))
         for setting in args.settings:
             size, threshold, *extra = setting.split(":")
             if threshold == "verify":
                 candidates = int(extra[0]) if extra else None
                 name = f"ours b={size} verify" + (f" c={candidates}" if extra else " (auto c)")
-                results[name] = run_ours(model, inputs, eos, timed, block_size=int(size), verify=True,
-                                         candidates=candidates)  # fmt: skip
+                measured(name, run_ours(model, groups, eos, timed, block_size=int(size), verify=True,
+                                        candidates=candidates))  # fmt: skip
                 continue
             eager = extra
             name = f"ours b={size} thr {threshold}" + (" uncompiled" if eager else "")
-            results[name] = run_ours(model, inputs, eos, timed, block_size=int(size), threshold=float(threshold),
-                                     compile_step=not eager)  # fmt: skip
-        tps_of = {name: r["tokens"] / r["ms"] * 1000 for name, r in results.items()}
-        ar = results.get("ours b=1 thr 1.0")
-
-        def agree(r, ref):
-            return sum(a == b for a, b in zip(r["texts"], ref["texts"])) / batch if ref else None
-
-        for name, r in results.items():
-            tps = tps_of[name]
-            rows.append({"batch": batch, "decoder": name, "tok/s": tps, "ms/forward": r["ms"] / r["forwards"],
-                         "tpf row": r["tpf_row"], "tpf batch": r["tpf_batch"],
-                         "vs HF static": tps / tps_of["HF static"] if "HF static" in tps_of else None,
-                         "vs ours b=1": tps / tps_of["ours b=1 thr 1.0"] if ar else None,
-                         "= HF greedy": agree(r, results.get("HF static")), "= ours b=1": agree(r, ar)})  # fmt: skip
-            print(rows[-1], flush=True)
+            measured(name, run_ours(model, groups, eos, timed, block_size=int(size), threshold=float(threshold),
+                                    compile_step=not eager))  # fmt: skip
         save_rows()
 
     for context in args.contexts:
         inputs = batch_inputs(None, 1, args.device, vocab, context=context)
         for name, fn in {
-            "HF static": lambda: run_hf(source, inputs, [], True, timed),
-            "ours b=16 thr 1.0": lambda: run_ours(model, inputs, [], timed, block_size=16, threshold=1.0),
-            "ours b=16 thr 0.0": lambda: run_ours(model, inputs, [], timed, block_size=16, threshold=0.0),
+            "HF static": lambda: run_hf(source, [inputs], [], True, timed),
+            "ours b=16 thr 1.0": lambda: run_ours(model, [inputs], [], timed, block_size=16, threshold=1.0),
+            "ours b=16 thr 0.0": lambda: run_ours(model, [inputs], [], timed, block_size=16, threshold=0.0),
         }.items():
             r = fn()
             rows.append({"batch": 1, "decoder": f"{name}, context {context}", "ms/forward": r["ms"] / r["forwards"],

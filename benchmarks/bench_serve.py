@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py --model smollm2 --adapter smollm2-bd16              # GPU: the table
     python benchmarks/bench_serve.py --device cpu --concurrency 1 8 --max-tokens 32      # a CPU dry run
+    python benchmarks/bench_serve.py --model out/smollm2-bd --cli-defaults --concurrency 1 4  # as `serve` starts
 
 For each concurrency C: a server with C slots on 127.0.0.1 (the real HTTP stack: uvicorn, FastAPI, the `openai`
 client), C client threads each sending its share of the chat prompts back to back, greedy, ``max_tokens`` each;
@@ -110,17 +111,29 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
+    parser.add_argument("--cli-defaults", action="store_true",
+                        help="serve as `hf_blockdiff serve MODEL` does on this device (its slots, max length and block "
+                        "size; the model's threshold) at every concurrency; generate() gets the same block settings "
+                        "(--block-size and --threshold are then unused)")  # fmt: skip
     parser.add_argument("--out", default="serve_smollm2")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
 
     model, tokenizer = load(args)
     settings = dict(block_size=args.block_size, threshold=args.threshold)
+    if args.cli_defaults:
+        from hf_blockdiff import cli
+
+        served = cli.serve_defaults(cli.build_parser().parse_args(["serve", args.model]), model.device.type)
+        settings = {"block_size": served["block_size"]} if served["block_size"] else {}
+        args.block_size, args.threshold = served["block_size"] or model.config.block_size, "the model's"
     rows = []
     for concurrency in args.concurrency:
         n = args.requests or max(8, 2 * concurrency)
         prompts = (PROMPTS * (n // len(PROMPTS) + 1))[:n]
-        client, stop = start_server(model, tokenizer, concurrency, 512 + args.max_tokens, settings)
+        slots, max_length = (served["max_batch"], served["max_length"]) if args.cli_defaults else (
+            concurrency, 512 + args.max_tokens)  # fmt: skip
+        client, stop = start_server(model, tokenizer, slots, max_length, settings)
         try:
             load_test(client, prompts[:concurrency], concurrency, args.max_tokens)  # warm-up
             seconds, usages, latencies = load_test(client, prompts, concurrency, args.max_tokens)

@@ -181,6 +181,7 @@ def test_push_uploads_the_exact_folder_with_our_card(tiny_source, tmp_path, caps
     before = digest(dst)
     FakeApi.calls = []
     monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # the fake Hub answers, whatever HF_HUB_OFFLINE says
     code, out, err = run(["push", dst, "me/tiny-bd", "--private", "--revision", "v1"], capsys)
     assert code == 0, err
     assert "commit/abc" in out

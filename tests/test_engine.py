@@ -429,3 +429,24 @@ def test_verify_reports_its_rejected_drafts_and_the_picture_shows_them():
     assert [t.rejected for t in trace].count(True) == sum(len(t) for _, t in out.rejected_drafts[0])
     assert [t.forward for t in trace if not t.rejected] == out.committed_at[0].tolist()
     assert to_svg(trace).count("rejected draft") == 1 + sum(len(t) for _, t in out.rejected_drafts[0])
+
+
+def test_where_drafting_does_not_pay_verify_decodes_at_block_size_1(monkeypatch):
+    """verify_plan: where drafting is slower than block size 1 (on CUDA from CAUSAL_ROWS rows on), a verifying
+    batch decodes at block size 1: the same tokens, one per forward. Explicit candidates keep the drafts."""
+    import hf_blockdiff.denoise as denoise
+
+    _, model, _ = converted_pair("llama", block_size=4)
+    ids, mask = padded_batch([7, 3, 5], seed=11)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, do_sample=False,
+                  return_dict_in_generate=True)  # fmt: skip
+    ar = model.generate(ids, block_size=1, **kwargs)
+    drafted = model.generate(ids, block_size=4, verify=True, **kwargs)
+    monkeypatch.setattr(denoise, "drafting_pays", lambda rows, device: False)
+    causal = model.generate(ids, block_size=4, verify=True, **kwargs)
+    forced = model.generate(ids, block_size=4, verify=True, candidates=0, **kwargs)
+    for out in (drafted, causal, forced):
+        assert torch.equal(out.sequences, ar.sequences)
+    assert causal.block_size == 1 and torch.equal(causal.row_forward_passes, ar.row_forward_passes)
+    assert forced.block_size == 4 and torch.equal(forced.row_forward_passes, drafted.row_forward_passes)
+    assert not torch.equal(drafted.row_forward_passes, ar.row_forward_passes)  # (the two plans differ)

@@ -59,7 +59,7 @@ def test_shipped_names_win_over_folders_of_the_same_name(tmp_path, monkeypatch, 
     monkeypatch.setattr(convert_module, "packaged_source_path", lambda name: gguf)
     for name in [*SHIPPED_ADAPTERS, *PACKAGED_SOURCES]:  # what the old quick start left behind: a checkpoint
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
 
     assert resolve_adapter("smollm2-bd16") == ADAPTERS_DIR / "smollm2-bd16"
     assert resolve_source("smollm2") == (str(gguf.parent), "model.gguf")
@@ -250,14 +250,15 @@ def test_bad_config_value_is_one_line_naming_file_and_field(converted, tmp_path,
 
 
 def test_readme_snippet_prints_tokens_per_forward_as_a_float(tmp_path, monkeypatch, capsys):
-    """The README's Python block, run on a tiny local model in place of the Hub one."""
+    """The README's Python block, run on a tiny local model in place of SmolLM2 (test_readme runs it as written)."""
     src = tmp_path / "qwen3"
     source_model("qwen3", max_position_embeddings=512).save_pretrained(src)  # room for max_new_tokens=128
     tiny_tokenizer().save_pretrained(src)
     monkeypatch.chdir(tmp_path)
     readme = (ROOT / "README.md").read_text()
     code = readme.split("## Python\n\n```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace("Qwen/Qwen3-0.6B", str(src)).replace("torch.bfloat16", "torch.float32")
+    assert code.count('("smollm2"') == 2  # load_source and convert_checkpoint
+    code = code.replace('("smollm2"', f"({str(src)!r}")
     exec(compile(code, "README.md", "exec"), {})
     last = capsys.readouterr().out.strip().split()[-1]
     assert re.fullmatch(r"\d+\.\d+", last), last

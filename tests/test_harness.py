@@ -17,11 +17,15 @@ import pytest
 import torch
 from helpers import PAD, converted_pair, padded_batch, source_model
 from lm_eval.tasks import TaskManager, get_task_dict
+from test_serve import start_http
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 import hf_blockdiff
 from hf_blockdiff.harness import TASKS_DIR, BlockDiffusionLM, StopStrings
+from hf_blockdiff.modeling_blockdiff import block_diffusion_class
+from hf_blockdiff.scheduler import Scheduler
+from hf_blockdiff.serve import create_app
 
 CHARS = string.ascii_lowercase + string.digits + " \n?.:,'-"
 C_UNK, C_EOS, C_PAD = len(CHARS), len(CHARS) + 1, len(CHARS) + 2  # the mask token becomes a new row after these
@@ -247,3 +251,49 @@ def test_harness_model_refuses_an_unconverted_checkpoint(folders):
     source, _ = folders
     with pytest.raises(ValueError, match="not a block-diffusion model"):
         BlockDiffusionLM(pretrained=source, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lm-eval's API model `local-completions` against `hf_blockdiff serve`
+
+
+@pytest.fixture(scope="module")
+def served(folders):
+    """The converted folder served on 127.0.0.1 as "bd"; lm-eval's local-completions model_args for it."""
+    _, converted = folders
+    model = block_diffusion_class(AutoConfig.from_pretrained(converted)).from_pretrained(converted).eval()
+    scheduler = Scheduler(model, AutoTokenizer.from_pretrained(converted), max_batch=4, max_length=512).start()
+    url, stop = start_http(create_app(scheduler, "bd"))
+    # lm-eval's defaults otherwise: token-id prompts, tokenizer_backend auto (-> huggingface, this server has no
+    # /tokenizer_info), one request at a time
+    yield {"model": "bd", "base_url": f"{url}/v1/completions", "tokenizer": converted, "max_retries": 1}
+    stop()
+    scheduler.stop()
+
+
+def test_served_loglikelihood_equals_the_in_process_model(folders, served, task_manager):
+    """Multiple choice through local-completions (token-id prompts, echo, logprobs) scores as hf_blockdiff does."""
+    _, converted = folders
+    expected_results, expected = evaluate("hf_blockdiff", MC, task_manager, {"pretrained": converted}, batch_size=4)
+    results, got = evaluate("local-completions", MC, task_manager, served, batch_size=4)
+    assert len(got) == LIMIT and len(got[0]) == 4
+    for want, have in zip(expected, got):
+        for (ll_want, greedy_want), (ll_have, greedy_have) in zip([r[0] for r in want], [r[0] for r in have]):
+            assert ll_have == pytest.approx(ll_want, abs=1e-4) and greedy_have == greedy_want
+    for metric in ("acc,none", "acc_norm,none"):
+        assert results["results"][MC][metric] == expected_results["results"][MC][metric]
+
+
+def test_served_generation_equals_the_in_process_model(folders, served, task_manager):
+    """Short answers at block size 4 (a low threshold: several tokens per forward) through local-completions equal
+    hf_blockdiff's, one prompt per request and four."""
+    _, converted = folders
+    settings = "block_size=4,threshold=0.1"
+    lm = BlockDiffusionLM(pretrained=converted, batch_size=4, device="cpu")
+    expected_results, expected = evaluate(lm, QA, task_manager, gen_kwargs=settings)
+    assert lm.stats["tokens_per_forward"] > 1.2 and any(r[0] for r in expected)  # non-empty answers
+    for batch_size in (1, 4):
+        results, got = evaluate("local-completions", QA, task_manager, served, batch_size=batch_size,
+                                gen_kwargs=settings)  # fmt: skip
+        assert got == expected
+        assert results["results"][QA]["exact_match,strip"] == expected_results["results"][QA]["exact_match,strip"]

@@ -194,7 +194,17 @@ def test_a_client_killed_mid_stream_frees_its_slot(server):
         ({"model": "tiny", "prompt": "w1 " * CONTEXT, "max_tokens": 4}, 400, None),
         ({"model": "tiny", "prompt": "w1", "max_tokens": "many"}, 400, "max_tokens"),
         ({"model": "tiny", "prompt": "w1", "temperature": -1}, 400, "temperature"),
-        ({"model": "tiny", "prompt": "w1", "n": 2}, 400, "n"),
+        ({"model": "tiny", "prompt": "w1", "n": 2, "stream": True}, 400, "n"),
+        ({"model": "tiny", "prompt": ["w1", "w2"], "stream": True}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "w1", "echo": True, "stream": True}, 400, "echo"),
+        ({"model": "tiny", "prompt": "w1", "logprobs": 1, "stream": True}, 400, "logprobs"),
+        ({"model": "tiny", "prompt": "w1", "logprobs": 21}, 400, "logprobs"),
+        ({"model": "tiny", "prompt": "w1", "logprobs": -1}, 400, "logprobs"),
+        ({"model": "tiny", "prompt": "w1", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": [3, "w1"]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": [[3], []]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": []}, 400, "prompt"),
+        ({"model": "tiny", "prompt": [[3], [10**6]], "echo": True, "max_tokens": 0}, 400, "prompt"),
         ({"model": "tiny", "prompt": "w1", "block_size": BLOCK + 1}, 400, None),
         ({"model": "tiny", "prompt": "w1", "verify": True, "block_size": 1}, 400, None),
         ({"model": "tiny", "prompt": "w1", "verify": True, "candidates": 1}, 400, None),  # the CPU server has 0
@@ -220,8 +230,9 @@ def test_cli_serves_a_converted_folder(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # (--block-size: without it a CPU server decodes with block size 1 only)
     command = [sys.executable, "-m", "hf_blockdiff.cli", "serve", str(folder), "--port", str(port), "--max-batch", "2",
-               "--max-length", "64"]  # fmt: skip
+               "--max-length", "64", "--block-size", "4"]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -305,3 +316,137 @@ def test_verifying_requests_choose_their_candidates():
     for request, _ in requests:
         assert request.tokens == ar
     assert requests[1][0].forwards > requests[0][0].forwards  # two forwards per block against one
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token-id prompts, batches of prompts, n, echo and logprobs (what lm-eval's local-completions sends)
+
+
+def causal_logprobs(model, ids):
+    """log p(ids[i] | ids[:i]) straight from the converted model's causal forward, the mask token left out of the
+    softmax (it never occurs in text): row i - 1 scores ids[i]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logits[:, model.config.mask_token_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_token_id_prompts_batches_and_n_choices(server):
+    model, tok, scheduler, client, url = server
+    prompts = [[3, 14, 15], [9, 2, 6, 5, 35]]
+    want = [reference(model, tok, p, 6)[0] for p in prompts]
+    assert client.completions.create(model="tiny", prompt=prompts[1], max_tokens=6).choices[0].text == want[1]
+    # a batch of prompts, n choices each: index = prompt * n + choice
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, n=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [want[0], want[0], want[1], want[1]]
+    assert reply.usage.prompt_tokens == 8  # each prompt once, whatever n
+    assert reply.usage.completion_tokens == sum(len(reference(model, tok, p, 6)[1]) for p in prompts) * 2
+    strings = client.completions.create(model="tiny", prompt=[tok.decode(p) for p in prompts], max_tokens=6)
+    assert [c.text for c in strings.choices] == want
+    # seeded choices are distinct samples: choice j draws with seed + j
+    sampled = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=8, n=3, temperature=1.0, seed=5)
+    alone = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=8, temperature=1.0, seed=6)
+    assert sampled.choices[1].text == alone.choices[0].text
+    assert len({c.text for c in sampled.choices}) > 1
+    wait_until_idle(scheduler)
+
+
+def test_echo_and_logprobs_are_the_causal_forwards(server):
+    """echo with max_tokens=0 scores the prompt (the first token has no logprob); with max_tokens > 0 the completion
+    follows, and every logprob equals a log_softmax of the model's causal forward over the same ids."""
+    model, tok, scheduler, client, _ = server
+    prompts = [[3, 14, 15, 9, 2, 6, 5], [7, 1, 8]]
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=3)
+    assert reply.usage.completion_tokens == 0
+    for prompt, choice in zip(prompts, reply.choices):
+        direct = causal_logprobs(model, prompt)
+        lp = choice.logprobs
+        assert choice.text == tok.decode(prompt) and choice.finish_reason == "length"
+        assert lp.tokens == [tok.decode([t]) for t in prompt]
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(prompt))]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for i in range(1, len(prompt)):
+            assert lp.token_logprobs[i] == pytest.approx(direct[i - 1, prompt[i]].item(), abs=1e-5)
+            values, ids = direct[i - 1].topk(3)
+            top = {tok.decode([t]): v for t, v in zip(ids.tolist(), values.tolist())}
+            top.setdefault(lp.tokens[i], direct[i - 1, prompt[i]].item())  # the chosen token is always there
+            assert lp.top_logprobs[i] == pytest.approx(top, abs=1e-5)
+
+    prompt = prompts[0]
+    text, new = reference(model, tok, prompt, 6, threshold=0.0)
+    direct = causal_logprobs(model, prompt + new)
+    expected = [direct[i - 1, t].item() for i, t in enumerate(prompt + new) if i]
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, echo=True, logprobs=0,
+                                       extra_body={"threshold": 0.0}).choices[0]  # fmt: skip
+    assert echoed.text == tok.decode(prompt) + text
+    assert echoed.logprobs.token_logprobs == pytest.approx([None, *expected], abs=1e-5)
+    assert echoed.logprobs.top_logprobs[-1] == {tok.decode([new[-1]]): echoed.logprobs.token_logprobs[-1]}
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=2,
+                                      extra_body={"threshold": 0.0}).choices[0]  # fmt: skip
+    assert plain.text == text and plain.logprobs.tokens == [tok.decode([t]) for t in new]
+    assert plain.logprobs.token_logprobs == pytest.approx(expected[-len(new) :], abs=1e-5)
+    assert plain.logprobs.text_offset[0] == 0  # offsets into the choice's text
+
+    # lm-eval's log-likelihood request (echo, max_tokens=1, greedy) takes its one token from the scoring forward:
+    # the token greedy decoding gives first at any block size and threshold
+    scored = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=1,
+                                       temperature=0)  # fmt: skip
+    for prompt, choice in zip(prompts, scored.choices):
+        for settings in ({"block_size": 1}, {"block_size": BLOCK, "threshold": 0.0}, {"threshold": 0.9}):
+            decoded = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, extra_body=settings)
+            assert choice.text == tok.decode(prompt) + decoded.choices[0].text
+        token = tok.convert_tokens_to_ids(choice.logprobs.tokens[-1])
+        direct = causal_logprobs(model, prompt)
+        assert token == int(direct[-1].argmax())
+        assert choice.logprobs.token_logprobs[-1] == pytest.approx(direct[-1, token].item(), abs=1e-5)
+    wait_until_idle(scheduler)
+
+
+def test_scoring_shares_the_model_with_decoding(server):
+    """Scoring runs on the scheduler's worker between decoding steps: scores and greedy outputs of requests sent
+    together both stay exact."""
+    model, tok, scheduler, client, _ = server
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 60, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(12)]  # fmt: skip
+
+    def ask(i):
+        if i % 2:
+            reply = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=10)
+            return reply.choices[0].text
+        reply = client.completions.create(model="tiny", prompt=[prompts[i]], max_tokens=0, echo=True, logprobs=0)
+        return reply.choices[0].logprobs.token_logprobs
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(ask, range(12), timeout=WAIT_S * 2))
+    for i, (prompt, answer) in enumerate(zip(prompts, got)):
+        if i % 2:
+            assert answer == reference(model, tok, prompt, 10)[0]
+        else:
+            direct = causal_logprobs(model, prompt)
+            assert answer == pytest.approx([None, *[direct[j - 1, t].item() for j, t in enumerate(prompt) if j]],
+                                           abs=1e-5)  # fmt: skip
+    wait_until_idle(scheduler)
+
+
+def test_where_drafting_does_not_pay_served_verify_decodes_at_block_size_1(monkeypatch):
+    """A server whose slots are too many for drafts to pay (denoise.verify_plan) serves verified requests at block
+    size 1: block size 1's tokens, one per forward, and no candidate positions in its steps."""
+    import hf_blockdiff.denoise as denoise
+
+    monkeypatch.setattr(denoise, "drafting_pays", lambda rows, device: False)
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    scheduler = Scheduler(model, tok, max_batch=2, max_length=64, candidates=None).start()
+    prompt = [3, 14, 15, 9, 2, 6]
+    try:
+        done = threading.Event()
+        request = Request(prompt, RequestSettings(max_tokens=12, verify=True),
+                          on_update=lambda _text, reason: reason is not None and done.set())  # fmt: skip
+        scheduler.submit(request)
+        assert done.wait(WAIT_S)
+    finally:
+        scheduler.stop()
+    assert scheduler.verify_causally and scheduler.engine.candidates == 0
+    _, ar = reference(model, tok, prompt, 12, block_size=1)
+    assert request.tokens[: len(ar)] == ar and request.forwards == len(request.tokens)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -34,8 +35,14 @@ CONVERT_EXAMPLES = """examples:
 
 
 def cmd_convert(args) -> int:
-    from .convert import ValidationError, convert_with_report
+    from .convert import DestinationNotEmptyError, ValidationError, convert_with_report
+    from .hub import check_hub_upload
 
+    if args.push_to_hub:
+        try:
+            check_hub_upload(args.push_to_hub)  # before the minutes of converting
+        except ConnectionError as error:
+            raise CLIError(str(error), "or convert without --push-to-hub and `hf_blockdiff push` it later") from None
     start = time.time()
     try:
         report = convert_with_report(
@@ -45,6 +52,9 @@ def cmd_convert(args) -> int:
         )  # fmt: skip
     except ValidationError as error:
         raise CLIError(str(error), "try --dtype float32; if it persists, report it with `hf_blockdiff env`") from error
+    except DestinationNotEmptyError as error:
+        raise CLIError(f"Destination {error.path} is not empty.", "pass --overwrite to replace it (only once the new "
+                       "one is complete), or choose another destination") from None  # fmt: skip
     print(f"Converted {args.src} -> {report['path']} in {time.time() - start:.0f}s")
     print(f"  class:       {report['class']} (model_type {report['model_type']!r} kept)")
     print(f"  block size:  {report['block_size']}; mask token {report['mask_token']!r} (id {report['mask_token_id']})")
@@ -109,30 +119,50 @@ def load_for_generation(args):
         convert_model,
         is_shipped_name,
         load_source,
-        naming_config_errors,
+        naming_load_errors,
+        quiet_loading,
+        resolve_source,
     )
 
     config = None if is_shipped_name(args.model, PACKAGED_SOURCES) else read_config(args.model)
-    if config is not None and "mask_token_id" in config:
-        if "AutoModelForCausalLM" not in config.get("auto_map", {}):
-            raise CLIError(f"{args.model} has no auto_map for hf_blockdiff in its config.json, so it would load as "
-                           "the plain AR model.", NO_AUTO_MAP_HINT)  # fmt: skip
-        with naming_config_errors(args.model):
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-            model = AutoModelForCausalLM.from_pretrained(
-                args.model, trust_remote_code=True, dtype=args.dtype or "auto"
-            )
-        if not is_block_diffusion(model):
-            raise CLIError(f"{args.model} loaded as {type(model).__name__}, not a block-diffusion class: its "
-                           "auto_map does not point to hf_blockdiff's code.", NO_AUTO_MAP_HINT)  # fmt: skip
-    else:
-        print(f"{args.model} is not a block-diffusion checkpoint: converting it in memory.", file=sys.stderr)
-        model, tokenizer = load_source(args.model, dtype=args.dtype)
-        model, tokenizer = convert_model(model, tokenizer, block_size=args.block_size or 4)
-    if args.adapter:
-        model = apply_adapter(model, args.adapter)
+    resolve_source(args.model)  # a mistyped folder or an unreachable Hub id fails now, naming it
+    with quiet_loading():  # the answer is the output: no progress bars
+        if config is not None and "mask_token_id" in config:
+            if "AutoModelForCausalLM" not in config.get("auto_map", {}):
+                raise CLIError(f"{args.model} has no auto_map for hf_blockdiff in its config.json, so it would load "
+                               "as the plain AR model.", NO_AUTO_MAP_HINT)  # fmt: skip
+            with naming_load_errors(args.model):
+                tokenizer = AutoTokenizer.from_pretrained(args.model)
+                model = AutoModelForCausalLM.from_pretrained(
+                    args.model, trust_remote_code=True, dtype=args.dtype or "auto"
+                )
+            if not is_block_diffusion(model):
+                raise CLIError(f"{args.model} loaded as {type(model).__name__}, not a block-diffusion class: its "
+                               "auto_map does not point to hf_blockdiff's code.", NO_AUTO_MAP_HINT)  # fmt: skip
+        else:
+            print(f"{args.model} is not a block-diffusion checkpoint: converting it in memory.", file=sys.stderr)
+            model, tokenizer = load_source(args.model, dtype=args.dtype)
+            model, tokenizer = convert_model(model, tokenizer, block_size=args.block_size or 4)
+        if args.adapter:
+            model = apply_adapter(model, args.adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    damaged = nonfinite_weights(model)  # here, not in generate: a folder runs its own (maybe older) copy of the code
+    if damaged:
+        raise CLIError(f"{args.model}: its weights hold NaN or inf ({damaged}), so every token would be garbage.",
+                       "convert it again from an intact source")  # fmt: skip
+    return model, tokenizer
+
+
+def nonfinite_weights(model) -> str:
+    """The weights that hold NaN or inf, named. One float32 sum per tensor (NaN and inf survive a sum; float32 does
+    not overflow on real weights) and one host sync: about a forward's worth of reading."""
+    import torch
+
+    params = list(model.named_parameters())
+    finite = torch.stack([torch.sum(w.detach(), dtype=torch.float32) for _, w in params]).isfinite().tolist()
+    names = [name for (name, _), ok in zip(params, finite) if not ok]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 # On CPU a denoising forward over a block costs more than the extra tokens it commits at the parallelism the
@@ -197,7 +227,10 @@ def cmd_generate(args) -> int:
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).to(model.device)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
         start = time.perf_counter()
-        out = model.generate(**inputs, streamer=streamer, **settings)
+        try:
+            out = model.generate(**inputs, streamer=streamer, **settings)
+        except FloatingPointError as error:  # the weights are finite (load_for_generation): an overflow
+            raise CLIError(f"{args.model}: {error}", "try --dtype float32") from None
         seconds = time.perf_counter() - start
         new = out.sequences[
             0, inputs["input_ids"].shape[1] : inputs["input_ids"].shape[1] + int(out.num_generated_tokens[0])
@@ -247,6 +280,67 @@ SERVE_EXAMPLES = """examples:
 """
 
 
+# Every serving step computes every slot's block and attends over every slot's whole --max-length, busy or not
+# (one fixed shape per step). On CPU that is all compute: 8 slots x 2048 tokens at the model's block 16 took 48 s
+# for a 16-token reply that `generate` gives in 1-5 s. At block 1 one slot costs what `generate` does per token;
+# a second one doubles it (matrix-matrix kernels instead of matrix-vector ones; README: Serving). Without those
+# flags, CPU serving uses block size 1 (as generate does) and these.
+SERVE_SLOTS, SERVE_LENGTH = 8, 2048
+CPU_SERVE_SLOTS, CPU_SERVE_LENGTH = 1, 1024
+
+
+def serve_defaults(args, device_type: str) -> dict:
+    """The scheduler's ``max_batch``, ``max_length`` and ``block_size``: the flags, else the device's defaults."""
+    cpu = device_type == "cpu"
+    settings = {"max_batch": args.max_batch or (CPU_SERVE_SLOTS if cpu else SERVE_SLOTS),
+                "max_length": args.max_length or (CPU_SERVE_LENGTH if cpu else SERVE_LENGTH),
+                "block_size": args.block_size}  # fmt: skip
+    if cpu and args.block_size is None and args.threshold is None:
+        settings["block_size"] = CPU_BLOCK_SIZE
+    if cpu and None in (args.max_batch, args.max_length, args.block_size):
+        size = settings["block_size"] or "up to the model's"
+        print(f"[CPU: {_slots(settings['max_batch'])} of {settings['max_length']} tokens, block size {size} (README: "
+              "Serving); --max-batch, --max-length and --block-size 16 --threshold 0.9 (parallel decoding) change "
+              "them]", file=sys.stderr)  # fmt: skip
+    return settings
+
+
+def _slots(n: int) -> str:
+    return f"{n} slot" + ("s" if n != 1 else "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def serve_api_key(args) -> str | None:
+    """The API key: --api-key-file, else --api-key, else HF_BLOCKDIFF_API_KEY; warns where it shows in ``ps`` or
+    where a public address has none."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as error:
+            raise CLIError(f"Cannot read --api-key-file: {error}", "pass a readable file holding the key") from None
+        if not key:
+            raise CLIError(f"--api-key-file {args.api_key_file} is empty.", "write the key into it, on one line")
+    elif args.api_key:
+        key = args.api_key
+        print("warning: a key given with --api-key is visible to every user of this machine (`ps`); use "
+              "--api-key-file or HF_BLOCKDIFF_API_KEY", file=sys.stderr)  # fmt: skip
+    else:
+        key = os.environ.get("HF_BLOCKDIFF_API_KEY") or None
+    if not key and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
+              "(--api-key-file)", file=sys.stderr)  # fmt: skip
+    return key
+
+
 def cmd_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -256,19 +350,17 @@ def cmd_serve(args) -> int:
     from .scheduler import Scheduler
     from .serve import serve
 
+    api_key = serve_api_key(args)  # before the seconds it takes to load the model
     model, tokenizer = load_for_generation(args)
+    settings = serve_defaults(args, model.device.type)
     defaults = {"threshold": args.threshold} if args.threshold is not None else {}
-    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, max_length=args.max_length,
-                          block_size=args.block_size, **defaults).start()  # fmt: skip
+    scheduler = Scheduler(model, tokenizer, **settings, **defaults).start()
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
-    print(f"Serving {name} ({type(model).__name__}, block size up to {scheduler.block_size}, {args.max_batch} slots "
-          f"of {args.max_length} tokens) on http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
-    api_key = args.api_key or os.environ.get("HF_BLOCKDIFF_API_KEY")
-    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
-        )
-    serve(scheduler, name, host=args.host, port=args.port, default_max_tokens=args.default_max_tokens, api_key=api_key)
+    print(f"Serving {name} ({type(model).__name__}, block size up to {scheduler.block_size}, "
+          f"{_slots(scheduler.max_batch)} of {scheduler.max_length} tokens) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)  # fmt: skip
+    serve(scheduler, name, host=args.host, port=args.port, default_max_tokens=args.default_max_tokens, api_key=api_key,
+          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)  # fmt: skip
     return 0
 
 
@@ -441,18 +533,30 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=at_least(0), default=8000)
     srv.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
-    srv.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (default 8)")
-    srv.add_argument("--max-length", type=at_least(2), default=2048,
-                     help="prompt + completion tokens per request (default 2048)")  # fmt: skip
-    srv.add_argument(
-        "--block-size", type=at_least(1), help="largest block size a request may use (default: the model's)"
-    )
+    srv.add_argument("--max-batch", type=at_least(1),
+                     help=f"slots: requests decoded together (default {SERVE_SLOTS}; on CPU {CPU_SERVE_SLOTS}). Every "
+                     "forward computes every slot, busy or not, and attends over each one's whole --max-length: "
+                     "their product is what a step costs")  # fmt: skip
+    srv.add_argument("--max-length", type=at_least(2),
+                     help=f"prompt + completion tokens per request (default {SERVE_LENGTH}; on CPU "
+                     f"{CPU_SERVE_LENGTH})")  # fmt: skip
+    srv.add_argument("--block-size", type=at_least(1),
+                     help="largest block size a request may use; every forward is this wide (default: the model's; "
+                     f"on CPU {CPU_BLOCK_SIZE} unless --threshold is given, as for generate)")  # fmt: skip
     srv.add_argument("--threshold", type=fraction(), help="default confidence threshold (default: the model's)")
     srv.add_argument("--default-max-tokens", type=at_least(1), default=256,
                      help="max_tokens of a request that sets none (default 256)")  # fmt: skip
-    srv.add_argument(
-        "--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: HF_BLOCKDIFF_API_KEY; none: open)"
-    )
+    key = srv.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="PATH",
+                     help="require `Authorization: Bearer KEY` on every path but /health, KEY read from this file "
+                     "(default: HF_BLOCKDIFF_API_KEY; none: open)")  # fmt: skip
+    key.add_argument("--api-key", help="the same, KEY given here (visible to other users in `ps`)")
+    srv.add_argument("--max-body-bytes", type=at_least(1),
+                     help="largest request body; larger ones get a 413 (default: 64 bytes per --max-length token, at "
+                     "least 1 MiB)")  # fmt: skip
+    srv.add_argument("--shutdown-timeout", type=at_least(0.0, float), default=10.0,
+                     help="seconds requests in flight may take to finish after SIGTERM or Ctrl-C before they are "
+                     "cancelled (default 10)")  # fmt: skip
     srv.add_argument("--adapter", help="apply a LoRA adapter trained with hf_blockdiff")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     srv.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -506,9 +610,7 @@ def _report(error, hint):
 def _hint(error) -> str | None:
     text = str(error)
     if isinstance(error, FileExistsError):
-        return "pass --overwrite to replace it, or choose another destination"
-    if isinstance(error, ConnectionError):
-        return "check your network connection and HF_HUB_OFFLINE"
+        return "remove it, or choose another destination"
     if "not supported by hf_blockdiff" in text:
         return "run `hf_blockdiff env` and open an issue to request the architecture"
     if isinstance(error, ImportError):

@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import difflib
+import glob
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -140,7 +143,8 @@ def packaged_source_path(name: str) -> Path:
 
 def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(directory or Hub id, gguf file name or None)`` for a source given as a directory, Hub id, GGUF file
-    path, or a packaged name such as ``smollm2``."""
+    path, or a packaged name such as ``smollm2``. A source that cannot load fails here, naming what to fix:
+    a missing path, a folder that is not a model, or a Hub id while the Hub cannot be reached."""
     if is_shipped_name(src, PACKAGED_SOURCES):
         path = packaged_source_path(src)
         return str(path.parent), path.name
@@ -152,20 +156,75 @@ def resolve_source(src: str | os.PathLike, gguf_file: str | None = None) -> tupl
         gguf_path = Path(gguf_file)
         if gguf_path.is_file() and not path.is_dir():
             return str(gguf_path.parent), gguf_path.name
+        if path.is_dir() and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"{path / gguf_file} does not exist.")
+        if not path.exists():
+            _check_missing_source(src, gguf_file)
         return src, gguf_file
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint directory.")
-    elif src.startswith((".", "/", "~")) or src.count("/") > 1:
-        raise FileNotFoundError(f"Source {src!r} does not exist.")
+    if path.is_dir():
+        check_model_folder(path)
+    elif path.exists():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file: pass the folder with its config.json.")
+    else:
+        _check_missing_source(src, "config.json")
     return src, None
 
 
+def check_model_folder(path: Path):
+    """A folder whose config.json is missing, damaged or not a model's fails here, before a tokenizer error
+    (transformers tries every tokenizer class on a folder that is not a model) can hide what is wrong."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint directory.")
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config} is not valid JSON ({error}): it is damaged or cut short; convert or copy the "
+                         "folder again.") from None  # fmt: skip
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type is None:
+        raise ValueError(f"{config} has no model_type, so {path} is not a transformers model: pass the folder "
+                         "that holds the model's own config.json, weights and tokenizer.")  # fmt: skip
+    if model_type not in CONFIG_MAPPING_NAMES and "auto_map" not in data:
+        import transformers
+
+        raise ValueError(f"{config}: model_type {model_type!r} is unknown to transformers {transformers.__version__}, "
+                         "so it is not a model it can load: check the file, or upgrade transformers.")  # fmt: skip
+
+
+def _check_missing_source(src: str, filename: str):
+    """A source that is not here: a mistyped path fails naming it; a Hub id fails at once when it cannot be
+    downloaded (offline, or no network: huggingface_hub would retry for ~50 s)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .hub import check_hub_download
+
+    parent = Path(src).parent
+    try:
+        validate_repo_id(src)
+        local = src.startswith((".", "~")) or (parent != Path(".") and parent.is_dir())  # out/typo: out is here
+    except HFValidationError:
+        local = True  # no Hub id looks like this ("a/b/c", "/abs", "my model")
+    if local:
+        close = parent.is_dir() and difflib.get_close_matches(Path(src).name, os.listdir(parent), n=1)
+        also = f" (did you mean {parent / close[0]}?)" if close else ""
+        raise FileNotFoundError(f"Source {src!r} does not exist{also}: check the path.")
+    check_hub_download(src, filename)
+
+
 @contextmanager
-def naming_config_errors(src):
-    """Turn transformers' config validation errors (huggingface_hub strict dataclasses, raised with a traceback
-    that names neither the file nor, for class validators, the field) into one line naming both."""
+def naming_load_errors(src, gguf_file: str | None = None):
+    """Turn the errors of a damaged or incomplete folder, which name neither the file nor what to do, into one
+    line that does: config validation (huggingface_hub strict dataclasses, raised with a traceback that names
+    neither the file nor, for class validators, the field), unreadable safetensors or GGUF files, a missing
+    tokenizer."""
+    import struct
+
     from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
 
     try:
         yield
@@ -174,6 +233,45 @@ def naming_config_errors(src):
         config = Path(src) / "config.json"
         where = config if config.is_file() else f"the config of {src}"
         raise ValueError(f"{where}: invalid value: {cause}") from None
+    except SafetensorError as error:
+        where = _unreadable_safetensors(src) or f"a safetensors file of {src}"
+        raise ValueError(f"{where} cannot be read ({error}): it is damaged or cut short; convert or copy the "
+                         "folder again.") from None  # fmt: skip
+    except (struct.error, EOFError, ValueError) as error:
+        gguf = Path(src) / gguf_file if gguf_file else None
+        if gguf is not None and (isinstance(error, (struct.error, EOFError)) or not _readable_gguf(gguf)):
+            raise ValueError(f"{gguf} is not a readable GGUF file (damaged, cut short, or not GGUF): download it "
+                             "again.") from None  # fmt: skip
+        if "Couldn't instantiate the backend tokenizer" in str(error):  # transformers found no tokenizer files
+            raise ValueError(f"{src} has no tokenizer that transformers can load (tokenizer.json): copy the "
+                             "model's tokenizer files into it.") from None  # fmt: skip
+        raise
+
+
+def _unreadable_safetensors(folder) -> Path | None:
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure is the answer
+            return file
+    return None
+
+
+def _readable_gguf(path: Path) -> bool:
+    """Whether the gguf package parses ``path`` (asked only after loading it failed, to tell a damaged file from
+    an error of its contents, such as an unsupported architecture)."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(path)
+    except ImportError:
+        return True  # cannot tell; the original error stands
+    except Exception:  # noqa: BLE001 - any failure to parse means the file is not usable
+        return False
+    return True
 
 
 def load_source(src, gguf_file: str | None = None, dtype=None, device: str | None = None, **kwargs):
@@ -184,13 +282,37 @@ def load_source(src, gguf_file: str | None = None, dtype=None, device: str | Non
     """
     src, gguf_file = resolve_source(src, gguf_file)
     dtype = _dtype(dtype)
-    with naming_config_errors(src):
+    if not Path(src).exists():
+        from .hub import check_hub_download
+
+        src = check_hub_download(src, gguf_file or "config.json") or src  # no Hub: the cached folder, if any
+    with naming_load_errors(src, gguf_file):
         model, tokenizer = _load_source(src, gguf_file, dtype, **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched decoding and training need one; AR models rarely ship it
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+@contextmanager
+def quiet_loading():
+    """Load without progress bars ("Loading weights", GGUF dequantization), for commands whose output is an answer
+    (generate, serve); long work such as convert keeps them."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+    shown = logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_loading, "tqdm", None)  # GGUF loading calls tqdm itself: transformers' switch misses it
+    logging.disable_progress_bar()
+    if gguf_bar is not None:
+        gguf_loading.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if gguf_bar is not None:
+            gguf_loading.tqdm = gguf_bar
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _load_source(src, gguf_file, dtype, **kwargs):
@@ -240,44 +362,83 @@ def check_destination(dst, overwrite: bool, src=None) -> Path:
     """Refuse a destination that would lose data; returns it as a resolved path."""
     dst = Path(dst).expanduser().resolve()
     if src is not None and Path(str(src)).exists():
-        src_path = Path(src).expanduser().resolve()
-        src_dir = src_path if src_path.is_dir() else src_path.parent
-        if dst == src_dir or src_dir in dst.parents or dst in src_dir.parents:
-            raise ValueError(f"Destination {dst} overlaps the source {src_dir}; the source is never modified.")
+        src_path = Path(src).expanduser().resolve()  # a folder, or a GGUF file (its siblings are no part of it)
+        if dst == src_path or dst in src_path.parents or (src_path.is_dir() and src_path in dst.parents):
+            raise ValueError(f"Destination {dst} overlaps the source {src_path}; the source is never modified.")
     if dst.exists():
         if not dst.is_dir():
             raise FileExistsError(f"Destination {dst} exists and is not a directory.")
         if any(dst.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"Destination {dst} is not empty; pass overwrite=True (CLI: --overwrite) to replace it."
-            )
+            raise DestinationNotEmptyError(dst)
     return dst
+
+
+class DestinationNotEmptyError(FileExistsError):
+    """A destination with files in it, and no ``overwrite``; ``path`` names it (the CLI words its own hint)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"Destination {path} is not empty; pass overwrite=True to replace it.")
+        self.path = path
 
 
 def save_atomically(dst: Path, write, overwrite: bool = False) -> Path:
     """Run ``write(tmp_dir)`` into a temporary sibling of ``dst``, then rename it into place.
 
     A failure or Ctrl-C leaves no partial ``dst``; an existing ``dst`` (with ``overwrite``) is only removed
-    once the new one is complete.
+    once the new one is complete. What a killed run leaves, :func:`remove_stale_temporaries` cleans up.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    # the pid tells a later run whether the writer is gone (SIGKILL skips every cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     try:
         write(tmp)
         apply_umask(tmp)
         if dst.exists():
             if any(dst.iterdir()) and not overwrite:
                 raise FileExistsError(f"Destination {dst} became non-empty while writing; nothing was replaced.")
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             dst.rename(old)
             tmp.rename(dst)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(dst)
     except BaseException:
+        if old.exists() and not dst.exists():
+            old.rename(dst)  # interrupted between the two renames: the old destination comes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def remove_stale_temporaries(dst: Path):
+    """Clean up what a killed run of :func:`save_atomically` into ``dst`` left (SIGKILL, a power cut): its hidden
+    temporary folder, removed, and the old destination it had moved aside, put back if the new one never took
+    its place (else removed). Folders of a writer that is still running are left alone."""
+    for path in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*-*")):
+        kind, _, rest = path.name[len(dst.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]  # none in names made before pids were recorded: those writers are long gone
+        if kind not in ("tmp", "old") or not path.is_dir() or (pid.isdigit() and _running(int(pid))):
+            continue
+        if kind == "old" and not dst.exists():
+            path.rename(dst)
+            logger.warning(f"Restored {dst} from {path}, where an interrupted convert had moved it.")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            raise OSError(f"{path}, left by an interrupted convert, could not be removed: remove it by hand.")
+        logger.warning(f"Removed {path}, left by an interrupted convert.")
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def apply_umask(root: Path):
@@ -364,6 +525,7 @@ def convert_with_report(src, dst, block_size: int = 4, mask_token: str | None = 
     """:func:`convert_checkpoint`, returning what happened: destination, class, settings, validation."""
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    remove_stale_temporaries(Path(dst).expanduser().resolve())  # first: it may put back a destination moved aside
     dst = check_destination(dst, overwrite, src)
     resolve_source(src, gguf_file)  # fail on a missing source or adapter before loading anything
     if adapter:

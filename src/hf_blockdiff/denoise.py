@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
@@ -308,6 +308,7 @@ def generate_blocks(
     prompts = [input_ids[r][valid[r]].tolist() for r in range(batch)]
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch
     max_length = max(len(p) for p in prompts) + policy.max_new_tokens
+    policy = verify_plan(policy, batch, device)
     with dense_attention(model):
         engine = decode_engine(model, policy, batch, max_length, device)
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -323,7 +324,7 @@ def generate_blocks(
                 if streamer is not None:
                     streamer.put(torch.tensor(tokens))
             if stopping_criteria and events:
-                for row in _stopped_rows(stopping_criteria, input_ids, generated, policy.pad_token_id):
+                for row in _stopped_rows(stopping_criteria, input_ids, generated, _filler(policy)):
                     if engine.slots[row].busy:
                         engine.finish(row)
             if not any(slot.busy for slot in engine.slots):
@@ -361,6 +362,29 @@ def generate_blocks(
 # SmolLM2 (benchmarks/results/engine_verify_*.md): 272-528 positions at batch 1 cost 13% more than one block of
 # 16, but 384 positions at batch 16 cost 2.2x the 128 of block size 1.
 QUERY_BUDGET = 512
+# Drafting pays only while a step is bound by reading the weights. Measured on an H200 (SmolLM2-135M +
+# smollm2-bd16, bf16, 40 chat prompts; benchmarks/results/engine_verify_h200.md): at batch 1 one-forward verify
+# is 1.55-1.67x our block size 1, but at batch 16 and 64 every drafted configuration measured (b = 4 / 8 / 16,
+# 0-3 candidates) is 0.53-0.92x of it. From this many rows on, an automatic plan decodes a verifying batch
+# causally: the same tokens (verify reproduces block size 1) at block size 1's speed. Batches 2-15: not measured.
+CAUSAL_ROWS = 16
+
+
+def drafting_pays(rows: int, device) -> bool:
+    """Whether verified decoding with drafts beats block size 1 at ``rows`` rows (see :data:`CAUSAL_ROWS`). On a
+    CPU it saves forwards but not time (the quick start: 39 forwards at 14.7 tok/s against 54 at 28.4 for block
+    size 1); it stays on there, where the CLI decodes at block size 1 by default anyway."""
+    return torch.device(device).type != "cuda" or rows < CAUSAL_ROWS
+
+
+def verify_plan(policy: DenoisePolicy, rows: int, device) -> DenoisePolicy:
+    """What a batch of ``rows`` asked to verify decodes with: ``policy``, or block size 1 without drafts where
+    drafting does not pay (the same tokens, faster). Explicit ``candidates`` keep the drafts."""
+    if policy.verify and policy.candidates is None and not drafting_pays(rows, device):
+        logger.info_once(f"verify: {rows} rows decode at block size 1, which gives verify's tokens faster here "
+                         f"(denoise.CAUSAL_ROWS); pass candidates= to draft anyway.")  # fmt: skip
+        return replace(policy, block_size=1, verify=False, candidates=0)
+    return policy
 
 
 def verify_candidates(policy: DenoisePolicy, rows: int, device) -> int:
@@ -430,12 +454,21 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     return engine
 
 
-def _stopped_rows(criteria: StoppingCriteriaList, input_ids: torch.Tensor, generated: list[list[int]], pad: int):
+def _filler(policy: DenoisePolicy) -> int:
+    """What fills the gap before a shorter row's new tokens when the stopping criteria see the batch: the mask
+    token, which is never text. Not the pad token: it is often the EOS token too (SmolLM2), whose text
+    lm-evaluation-harness adds to every request's stop strings, so a row behind the others would read as stopped
+    (empty answers in batches). Without a mask token (block size 1) rows advance in step: no gap to fill."""
+    return policy.mask_token_id if policy.mask_token_id is not None else policy.pad_token_id
+
+
+def _stopped_rows(criteria: StoppingCriteriaList, input_ids: torch.Tensor, generated: list[list[int]], fill: int):
     """Rows the stopping criteria end, asked once for the whole batch as transformers does (criteria may keep
     per-row state, e.g. lm-evaluation-harness's). Rows are at different lengths, so each row's new tokens are
-    right-aligned after its prompt (padding between): criteria look at the end of each sequence."""
+    right-aligned after its prompt, ``fill`` (see :func:`_filler`) between: criteria look at the end of each
+    sequence."""
     width = max(len(g) for g in generated)
-    tail = torch.full((len(generated), width), pad, dtype=torch.long)
+    tail = torch.full((len(generated), width), fill, dtype=torch.long)
     for r, g in enumerate(generated):
         if g:
             tail[r, width - len(g) :] = torch.tensor(g, dtype=torch.long)

@@ -171,6 +171,7 @@ class DecodeEngine:
         self.proposal = torch.zeros(rows, block_size, **long)
         self.runner_up = torch.zeros(rows, block_size + 1, **long)  # the draft's second choice at each position
         self.events = torch.zeros(rows, EVENT_FIELDS + 2 * (block_size + 1), **long)
+        self._table = None  # the last step's events on the host (see committed())
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
         self._sampling = False  # whether any slot samples (a graph is captured for one setting)
         self.noise = None  # Exp(1) draws of every sampling row, for every forward
@@ -498,6 +499,9 @@ class DecodeEngine:
         zero = torch.zeros(n, dtype=torch.long, device=dev)
         hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows)
         last = self.model.logits_from_hidden(hidden[torch.arange(n, device=dev), lengths - 1]).unsqueeze(1)
+        if not torch.isfinite(last.amax(-1)).all():  # amax keeps NaN and +inf; once per prefill, not per token
+            raise FloatingPointError("The model's logits are NaN or infinite (NaN/inf weights, or a dtype that "
+                                     "overflows): every token would be garbage.")  # fmt: skip
         self.num_forwards += 1
 
         do_sample = self.sampling.do_sample[rows].tolist()
@@ -615,7 +619,7 @@ class DecodeEngine:
     def _events(self):
         """Read the step's packed results (the one device-to-host copy of a step) and do the host bookkeeping."""
         events, width = [], self.block_size + 1
-        table = self.events.cpu()
+        table = self._table = self.events.cpu()
         for r in table[:, SHOWN].nonzero().squeeze(1).tolist():
             row = table[r]
             size, drafted, done = int(row[LENGTH]), int(row[DRAFTED]), bool(row[FINISHED])
@@ -630,6 +634,17 @@ class DecodeEngine:
                 slot.busy = False
             events.append((r, new, when, done))
         return events
+
+    def committed(self, slot: int) -> list[int]:
+        """The tokens of a slot's active block committed so far, up to its first open position, as the last step
+        left them (a client may see them before the block completes). Empty for a complete block (the step
+        reported it) and for a verifying row (its drafts are not committed)."""
+        if self._table is None or self.slots[slot].verify:
+            return []
+        row, width = self._table[slot], self.block_size + 1
+        at = row[EVENT_FIELDS + width : EVENT_FIELDS + width + int(row[LENGTH])]
+        still_open = (at < 0).nonzero()  # uncommitted positions have no committing forward
+        return row[EVENT_FIELDS : EVENT_FIELDS + int(still_open[0])].tolist() if len(still_open) else []
 
     def draft(self, slot: int) -> torch.Tensor:
         """A slot's active block as the last step saw it: committed tokens, the latest proposal elsewhere."""

@@ -70,16 +70,18 @@ def is_converted(config) -> bool:
 class StopStrings(StoppingCriteria):
     """True for each row whose continuation (after ``prompt_width`` tokens) contains one of ``stops``.
 
-    Stateless and per row, so it answers for whichever rows it is given: the whole batch or, as block-diffusion
-    ``generate()`` asks, one row at a time.
+    Stateless and per row, so it answers for whichever rows it is given. Block-diffusion ``generate()`` asks for
+    the whole batch with rows at different lengths, each row's tokens after a gap of ``filler`` tokens (the mask
+    token, never text): those are left out of the text.
     """
 
-    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
+    def __init__(self, tokenizer, stops: list[str], prompt_width: int, filler: int | None = None):
         self.tokenizer, self.stops, self.prompt_width = tokenizer, [s for s in stops if s], prompt_width
+        self.filler = filler
 
     def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :])
-        return torch.tensor([self.hit(t) for t in texts], device=input_ids.device)
+        rows = [[t for t in row if t != self.filler] for row in input_ids[:, self.prompt_width :].tolist()]
+        return torch.tensor([self.hit(t) for t in self.tokenizer.batch_decode(rows)], device=input_ids.device)
 
     def hit(self, text: str) -> bool:
         return any(s in text for s in self.stops)
@@ -157,7 +159,7 @@ class BlockDiffusionLM(HFLM):
             kwargs["do_sample"] = False
         if kwargs["do_sample"] is False and kwargs["temperature"] == 0.0:
             kwargs.pop("temperature")
-        stops = StopStrings(self.tokenizer, stop, context.shape[1])
+        stops = StopStrings(self.tokenizer, stop, context.shape[1], self.model.config.mask_token_id)
         with torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,

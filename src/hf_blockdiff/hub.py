@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -79,11 +80,59 @@ def _rendered_card(directory, **changes) -> ModelCard:
     return render_model_card(AutoConfig.from_pretrained(directory), **info)
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hub answers one quick request (once per process). huggingface_hub retries a dead network for
+    ~50 s before it gives up, so whoever needs the Hub asks this first."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)  # any HTTP answer will do
+    except Exception:  # noqa: BLE001 - whatever the failure, the Hub cannot be used now
+        return False
+    return True
+
+
+def _why_unreachable() -> tuple[str, str]:
+    """(what is wrong, what to do) when :func:`hub_reachable` is False."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE"
+    return f"{constants.ENDPOINT} cannot be reached", "check the network"
+
+
+def check_hub_download(repo_id: str, filename: str = "config.json") -> str | None:
+    """Fail at once, naming ``repo_id``, when it would have to be downloaded but the Hub cannot be reached (offline
+    or no network) and the local cache lacks it. Returns the cached snapshot folder to load instead when the Hub
+    cannot be reached (transformers would still ask the Hub for optional files, retrying each for ~50 s)."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    if hub_reachable():
+        return None
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return snapshot_download(repo_id, local_files_only=True)
+    why, fix = _why_unreachable()
+    raise ConnectionError(f"{repo_id!r} is not a local folder or file, and it cannot be downloaded from the Hub: "
+                          f"{why} and it is not in the cache. Check the name (a local folder is written "
+                          f"./{repo_id}), or {fix}.")  # fmt: skip
+
+
+def check_hub_upload(repo_id: str):
+    """Fail at once when a push to ``repo_id`` cannot work, before the work whose result it would push."""
+    if not hub_reachable():
+        why, fix = _why_unreachable()
+        raise ConnectionError(f"Cannot push to {repo_id}: {why}; {fix}.")
+
+
 def check_folder(directory) -> Path:
     """A folder ready to push: everything a block-diffusion checkpoint needs, or a clear error."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory.")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"{directory} {what}: pass the folder that `hf_blockdiff convert` or a trainer wrote.")
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if not any(directory.glob("*.safetensors")):
         missing.append("*.safetensors")

@@ -3,9 +3,12 @@
 
 One worker thread owns the :class:`~engine.DecodeEngine` (its tensors are not thread-safe). Callers
 :meth:`Scheduler.submit` a :class:`Request` from any thread; the worker prefills waiting requests into free slots
-(several in one forward), runs one engine step for every busy slot, and hands each completed block to its request,
-which turns tokens into text, applies stop strings and reports through its ``on_update`` callback. A cancelled
-request (a client that went away) frees its slot at the next step.
+(several in one forward), runs one engine step for every busy slot, and hands each request the tokens that step
+committed (a completed block, or the committed start of a block still being denoised), which it turns into text,
+applies stop strings to and reports through its ``on_update`` callback. A request whose handling fails (its
+settings, its callback) fails alone; a failing step fails the requests in it, and decoding goes on. A cancelled
+request (a client that went away) frees its slot at the next step. Other work on the model (the server's scoring)
+runs on the same thread between steps: :meth:`Scheduler.call`.
 
 Every per-request setting (threshold, temperature, top-p, block size, verify, seed) is a per-row tensor of the
 engine, so requests with different settings share every forward. Greedy requests give the same tokens as
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.utils import logging
 
-from .denoise import dense_attention, resolve_policy, verify_candidates
+from .denoise import dense_attention, resolve_policy, verify_candidates, verify_plan
 from .engine import DecodeEngine
 from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold
 
@@ -46,13 +50,14 @@ class RequestSettings:
 
 @dataclass
 class Request:
-    """One sequence to decode. ``on_update(text_delta, finish_reason)`` is called from the worker thread for
-    every completed block (``finish_reason`` None until the last call: 'stop' or 'length')."""
+    """One sequence to decode. ``on_update(text_delta, finish_reason)`` is called from the worker thread whenever
+    a step commits text (``finish_reason`` None until the last call: 'stop', 'length', or 'error' with ``error``)."""
 
     prompt: list[int]
     settings: RequestSettings
     on_update: object = None
     tokens: list[int] = field(default_factory=list)
+    block_start: int = 0  # tokens[block_start:] are the committed start of the block still being denoised
     text: str = ""
     sent: int = 0  # characters of ``text`` already reported
     forwards: int = 0  # forwards the request took part in (its tokens per forward: len(tokens) / forwards)
@@ -93,23 +98,31 @@ class Scheduler:
             top_k=torch.zeros(rows, dtype=torch.long, device=device),
             top_p=torch.ones(rows, device=device),
         )
+        # Verified requests give block size 1's tokens; where drafting is slower at this many slots they get them
+        # at block size 1 (denoise.verify_plan).
+        verifying = replace(self.defaults, verify=self.block_size > 1, candidates=defaults.get("candidates"))
+        self.verify_causally = self.block_size > 1 and not verify_plan(verifying, rows, device).verify
         self.engine = DecodeEngine(
             model, rows=rows, max_length=max_length, block_size=self.block_size, rule=self.rule,
             sampling=self.sampling, confidence=self.defaults.confidence, eos_token_ids=self.defaults.eos_token_ids,
             pad_token_id=self.defaults.pad_token_id, use_cuda_graph=self.defaults.use_cuda_graph,
             compile_step=self.defaults.compile_step,
             # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
-            candidates=verify_candidates(replace(self.defaults, verify=True, candidates=defaults.get("candidates")),
-                                         rows, device) if self.block_size > 1 else 0,
+            candidates=0 if self.verify_causally else verify_candidates(verifying, rows, device),
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()
+        self._calls: queue.Queue[tuple] = queue.Queue()  # (fn, Future) to run on the worker: see call()
         self._running: dict[int, Request] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.cancelled = 0  # requests dropped before their end (clients that went away)
 
     # -- the caller's side ---------------------------------------------------------------------------------
+    def _causal(self, settings: RequestSettings) -> bool:
+        """Whether a verified request decodes at block size 1 here (its tokens are the same either way)."""
+        return settings.verify and self.verify_causally and settings.candidates is None
+
     def check(self, prompt: list[int], settings: RequestSettings):
         """Raise ValueError (with what to change) if a request cannot run here; nothing is queued."""
         if not prompt:
@@ -128,6 +141,11 @@ class Scheduler:
             raise ValueError(f"candidates must be between 0 and this server's {self.engine.candidates}, got "
                              f"{settings.candidates}.")  # fmt: skip
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker runs (not before start(), after stop(), or if it died: the log says why)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, request: Request) -> Request:
         self.check(request.prompt, request.settings)
         if self._thread is None or not self._thread.is_alive():
@@ -145,28 +163,52 @@ class Scheduler:
         self._thread.start()
         return self
 
+    def call(self, fn) -> Future:
+        """Run ``fn()`` (other work on the model, such as scoring) on the worker thread between two steps; returns
+        a Future of its result. One thread drives the model, so e.g. a CUDA graph capture never meets a forward
+        from another thread."""
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("The scheduler is not running: call start() first.")
+        future = Future()
+        self._calls.put((fn, future))
+        self._waiting.put(None)  # wake the worker if it is idle
+        return future
+
     def stop(self):
         self._stop.set()
         self._waiting.put(None)
         if self._thread is not None:
             self._thread.join()
+        while not self._calls.empty():  # nobody will run them now
+            _, future = self._calls.get()
+            future.set_exception(RuntimeError("The scheduler stopped."))
 
     # -- the worker ----------------------------------------------------------------------------------------
     def _work(self):
-        with torch.inference_mode(), dense_attention(self.model):
-            while not self._stop.is_set():
-                try:
-                    self._admit(block=not self._running)
-                    self._drop_cancelled()
-                    if self._running:
-                        self._deliver(self.engine.step())
-                except Exception as error:  # a bug must not leave clients waiting forever
-                    logger.exception("The scheduler failed; failing its requests.")
-                    for request in list(self._running.values()):
-                        request.error = error
-                        self._end(request, "error")
-                    self._running.clear()
-                    self.engine.reset()
+        try:
+            with torch.inference_mode(), dense_attention(self.model):
+                while not self._stop.is_set():
+                    try:
+                        self._run_calls()
+                        self._admit(block=not self._running)
+                        self._drop_cancelled()
+                        if self._running:
+                            self._deliver(self.engine.step())
+                    except Exception as error:  # a failing step: its requests fail, decoding goes on
+                        logger.exception("A decoding step failed; failing the requests in it.")
+                        for slot, request in list(self._running.items()):
+                            self._fail(request, error, slot)
+                        self.engine.reset()
+        finally:  # stopped, or killed by what the loop does not catch: nobody may wait for an answer
+            if not self._stop.is_set():
+                logger.error("The scheduler's worker stopped unexpectedly; the server cannot decode any more.")
+            error = RuntimeError("The server stopped decoding (shutting down, or its worker failed).")
+            for slot, request in list(self._running.items()):
+                self._fail(request, error, slot, log=False)
+            while not self._waiting.empty():
+                request = self._waiting.get()
+                if request is not None:
+                    self._fail(request, error, log=False)
 
     def _admit(self, block: bool):
         """Prefill waiting requests into free slots (one forward for all of them)."""
@@ -174,30 +216,45 @@ class Scheduler:
         free = self.engine.free_slots()
         while len(new) < len(free):
             try:
-                request = self._waiting.get(block=block and not new, timeout=0.5)
+                request = self._waiting.get(block=block and not new and self._calls.empty(), timeout=0.5)
             except queue.Empty:
                 break
             if request is not None and not request.cancelled:
                 new.append(request)
         if not new:
             return
-        slots = free[: len(new)]
-        generators = []
-        for slot, request in zip(slots, new):
-            generators.append(self._configure(slot, request.settings))
-            self._running[slot] = request
-        self._deliver(
-            self.engine.add(
-                [r.prompt for r in new],
+        admitted, slots, generators = [], [], []
+        for request in new:
+            slot = free[len(slots)]
+            try:
+                generators.append(self._configure(slot, request.settings))
+            except Exception as error:  # something in this request's settings: it alone fails
+                self._fail(request, error)
+                continue
+            admitted.append(request)
+            slots.append(slot)
+        if not admitted:
+            return
+        try:
+            events = self.engine.add(
+                [r.prompt for r in admitted],
                 slots,
-                [r.settings.max_tokens for r in new],
-                block_sizes=[r.settings.block_size or self.block_size for r in new],
-                requests=new,
+                [r.settings.max_tokens for r in admitted],
+                block_sizes=[1 if self._causal(r.settings) else r.settings.block_size or self.block_size
+                             for r in admitted],
+                requests=admitted,
                 generators=generators,
-                verify=[r.settings.verify for r in new],
-                candidates=[r.settings.candidates for r in new],
+                verify=[r.settings.verify and not self._causal(r.settings) for r in admitted],
+                candidates=[r.settings.candidates for r in admitted],
             )  # fmt: skip
-        )
+        except Exception as error:  # the prefill of these requests failed; those decoding already go on
+            for slot, request in zip(slots, admitted):
+                self.engine.finish(slot)
+                self._fail(request, error)
+            return
+        for slot, request in zip(slots, admitted):
+            self._running[slot] = request
+        self._deliver(events)
 
     def _configure(self, slot: int, settings: RequestSettings) -> torch.Generator | None:
         """Write a request's settings into its slot's row of the engine's setting tensors."""
@@ -214,6 +271,15 @@ class Scheduler:
             return None
         return torch.Generator(self.model.device).manual_seed(settings.seed)
 
+    def _run_calls(self):
+        while not self._calls.empty():
+            fn, future = self._calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as error:  # the caller's to handle; decoding goes on
+                    future.set_exception(error)
+
     def _drop_cancelled(self):
         for slot, request in list(self._running.items()):
             if request.cancelled:
@@ -222,44 +288,65 @@ class Scheduler:
                 del self._running[slot]
 
     def _deliver(self, events):
+        """Hand each request what the last forward committed: completed blocks (``events``), then the committed
+        start of every block still being denoised, so that a stream sees each forward's tokens."""
         for slot, tokens, _, finished in events:
-            request = self._running.get(slot)
-            if request is None:
-                continue
-            request.forwards = int(self.engine.forwards[slot])
-            if self._extend(request, tokens) or finished:
+            if slot in self._running:
+                self._advance(slot, tokens, finished, block_done=True)
+        reported = {slot for slot, *_ in events}
+        for slot, request in list(self._running.items()):
+            if slot not in reported:
+                partial = self.engine.committed(slot)
+                if len(partial) > len(request.tokens) - request.block_start:
+                    self._advance(slot, partial, False, block_done=False)
+
+    def _advance(self, slot: int, tokens: list[int], finished: bool, block_done: bool):
+        """The active block of ``slot``'s request is now ``tokens`` (complete with ``block_done``); report it."""
+        request = self._running[slot]
+        try:
+            del request.tokens[request.block_start :]
+            request.tokens += tokens
+            if block_done:
+                request.block_start = len(request.tokens)
+                request.forwards = int(self.engine.forwards[slot])
+            if self._extend(request) or finished:
                 if not finished:
                     self.engine.finish(slot)
+                request.forwards = int(self.engine.forwards[slot])
                 del self._running[slot]
                 done = request.tokens and request.tokens[-1] in self.eos
                 self._end(request, request.finish_reason or ("stop" if done else "length"))
             else:
                 self._send(request, None)
+        except Exception as error:  # decoding its text or reporting it failed: this request alone fails
+            self._fail(request, error, slot)
 
-    def _extend(self, request: Request, tokens: list[int]) -> bool:
-        """Append a block; True if a stop string ended the request."""
-        request.tokens += tokens
+    def _extend(self, request: Request) -> bool:
+        """Decode the request's tokens; True if a stop string ended it. The stop string complete first wins (where
+        token-by-token decoding would stop), whatever the list order and however many tokens a forward gave."""
         text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        hits = []  # (end, -length): the earliest end, then the longest
         for stop in request.settings.stop:
-            at = text.find(stop, max(0, request.sent - len(stop)))
+            at = text.find(stop, max(0, request.sent - len(stop)))  # text already sent holds no stop string
             if at >= 0:
-                request.text, request.finish_reason = text[:at], "stop"
-                return True
+                hits.append((at + len(stop), -len(stop)))
+        if hits:
+            end, minus_length = min(hits)
+            request.text, request.finish_reason = text[: end + minus_length], "stop"
+            return True
         request.text = text
         return False
 
     def _send(self, request: Request, finish_reason: str | None):
-        """Report new text. Held back: a partly decoded character at the end, and a tail that may still grow
-        into a stop string."""
+        """Report new text. Held back: a partly decoded character at the end, and the longest tail that may still
+        grow into a stop string."""
         end = len(request.text)
         if finish_reason is None:
             while end > request.sent and request.text[end - 1] == "\ufffd":
                 end -= 1
-            for stop in request.settings.stop:
-                for k in range(min(len(stop) - 1, end - request.sent), 0, -1):
-                    if request.text[end - k : end] == stop[:k]:
-                        end -= k
-                        break
+            tail = request.text[request.sent : end]
+            end -= max((k for stop in request.settings.stop for k in range(1, min(len(stop), len(tail) + 1))
+                        if tail.endswith(stop[:k])), default=0)  # fmt: skip
         delta, request.sent = request.text[request.sent : end], max(request.sent, end)
         if request.on_update is not None and not request.cancelled and (delta or finish_reason):
             request.on_update(delta, finish_reason)
@@ -267,3 +354,16 @@ class Scheduler:
     def _end(self, request: Request, reason: str):
         request.finish_reason = reason
         self._send(request, reason)
+
+    def _fail(self, request: Request, error: Exception, slot: int | None = None, log: bool = True):
+        """End ``request`` with ``error`` (its client gets a server error), freeing its slot."""
+        if log:
+            logger.error(f"A request failed ({type(error).__name__}: {error}).", exc_info=error)
+        request.error = error
+        if slot is not None and self._running.get(slot) is request:
+            del self._running[slot]
+            self.engine.finish(slot)
+        try:
+            self._end(request, "error")
+        except Exception:  # its client cannot be told (e.g. its event loop is gone)
+            logger.exception("Could not report a failed request.")
