@@ -16,6 +16,7 @@ import lm_eval  # the `eval` extra
 import pytest
 import torch
 from helpers import PAD, converted_pair, padded_batch, source_model
+from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager, get_task_dict
 from test_serve import start_http
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -111,9 +112,14 @@ def test_stop_strings_answer_per_row():
     rows = torch.tensor([tok("ab" + s).input_ids for s in ("cd\ne", "cdef", "\nxyz")])
     stop = StopStrings(tok, ["\n", ""], prompt_width=2)
     assert stop(rows, None).tolist() == [True, False, True]
-    assert stop(rows[1:2], None).tolist() == [False]  # one row at a time, as generate() of a converted model asks
+    assert stop(rows[1:2], None).tolist() == [False]  # one row at a time
     assert stop(torch.tensor([tok("a\nbcd").input_ids]), None).tolist() == [False]  # a stop in the prompt is no stop
     assert [stop.answer_length(tok(s).input_ids) for s in ("cd\ne", "cdef", "\nxyz", "")] == [3, 4, 1, 0]
+    # generate() shows a row behind the others after a gap of filler tokens (the mask token): no text of the row's
+    eos_stop = StopStrings(tok, ["<eos>"], prompt_width=2, filler=C_EOS)
+    behind = torch.tensor([tok("ab").input_ids + [C_EOS, C_EOS] + tok("cd").input_ids])
+    assert eos_stop(behind, None).tolist() == [False]
+    assert StopStrings(tok, ["<eos>"], prompt_width=2)(behind, None).tolist() == [True]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,6 +229,33 @@ def test_block_diffusion_tokens_per_forward_and_batching(folders, task_manager):
     assert reported["tokens_per_forward"] == b["tokens_per_forward"] and reported["rows"] == LIMIT
     assert f"{b['tokens_per_forward']:.3f} tokens per forward" in batched.summary()
     assert list(b["tasks"]) == [QA] and b["tasks"][QA]["tokens_per_forward"] == b["tokens_per_forward"]
+
+
+def test_batched_generate_until_equals_its_rows_alone_when_the_pad_token_is_eos(tmp_path):
+    """A batch's answers are its rows' answers alone, with the pad token the EOS token (as SmolLM2's). lm-eval adds
+    the EOS text to every request's stop strings, and the rows of a batch complete blocks at different times: a
+    row behind the others used to be shown to the stop criteria padded, read as stopped, and answered empty."""
+    tok = char_tokenizer()
+    tok.pad_token = "<eos>"
+    source = source_model("llama", vocab_size=C_PAD + 1, eos_token_id=C_EOS, pad_token_id=C_EOS,
+                          max_position_embeddings=512)  # fmt: skip
+    model, tok = hf_blockdiff.convert_model(source, tok, block_size=4)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prompts = ["question: what is 2 plus 3?\nanswer:", "copy: abc def\n", "q: who?\na:", "the cat sat on the mat",
+               "hello", "a b c d e f g"]  # fmt: skip
+    settings = {"until": ["\n"], "max_gen_toks": 24, "block_size": 4, "threshold": 0.3}
+    requests = [Instance("generate_until", {}, (p, dict(settings)), i) for i, p in enumerate(prompts)]
+    answers, stats = {}, {}
+    for batch_size in (1, len(prompts)):
+        lm = BlockDiffusionLM(pretrained=str(tmp_path), batch_size=batch_size, device="cpu")
+        assert lm.tokenizer.pad_token_id == lm.tokenizer.eos_token_id == C_EOS
+        answers[batch_size], stats[batch_size] = lm.generate_until(requests, disable_tqdm=True), lm.stats
+    assert sum(bool(a) for a in answers[1]) >= 4  # mostly non-empty answers alone
+    assert answers[len(prompts)] == answers[1]
+    for key in ("rows", "generated_tokens", "answer_tokens", "row_forwards"):  # rows advance independently
+        assert stats[len(prompts)][key] == stats[1][key], key
+    assert stats[len(prompts)]["batch_forwards"] < stats[1]["batch_forwards"]  # and were batched
 
 
 @pytest.mark.slow

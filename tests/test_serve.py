@@ -298,7 +298,7 @@ def test_verifying_requests_choose_their_candidates():
     scheduler = Scheduler(model, tok, max_batch=3, max_length=64, candidates=2).start()
     prompt = [3, 14, 15, 9, 2, 6]
     try:
-        with pytest.raises(ValueError, match="candidates must be between 0 and this server's 2"):
+        with pytest.raises(ValueError, match="candidates must be an integer between 0 and this server's 2"):
             scheduler.check(prompt, RequestSettings(max_tokens=4, verify=True, candidates=3))
         requests = []
         for count in (None, 0, 1):

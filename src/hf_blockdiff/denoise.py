@@ -34,6 +34,7 @@ from .policies import (
     RepeatGuard,
     Sampling,
     Threshold,
+    check_block_settings,
     settings_of,
     structure_of,
 )
@@ -153,8 +154,9 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         return default if value is None else value
 
     block_size = setting("block_size", getattr(model.config, "block_size", None) or 1)
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    verify = bool(setting("verify", False))
+    candidates = setting("candidates", None) if verify else 0
+    check_block_settings(block_size, verify, candidates)
     steps_per_block = block_kwargs.get("steps_per_block", getattr(gc, "steps_per_block", None))
     threshold = block_kwargs.get("threshold", getattr(gc, "threshold", None))
     if threshold is None and steps_per_block is None:
@@ -185,20 +187,6 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
     if pad_token_id is None:
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     do_sample = bool(gc.do_sample) and (gc.temperature is None or gc.temperature > 0)
-    verify = bool(setting("verify", False))
-    if verify and block_size < 2:
-        raise ValueError(
-            f"verify=True drafts whole blocks and keeps what the causal model accepts: it needs block_size >= 2 "
-            f"(got {block_size}; block_size=1 is already the AR decoding verify reproduces)."
-        )
-    candidates = setting("candidates", None) if verify else 0
-    if candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool)
-                                   or not 0 <= candidates <= block_size):  # fmt: skip
-        raise ValueError(
-            f"candidates must be an integer between 0 and block_size ({block_size}), or None to choose by the "
-            f"batch; got {candidates!r}. It is how many next blocks a verifying forward drafts (0: draft in a "
-            "forward of its own)."
-        )
     return DenoisePolicy(
         verify=verify,
         candidates=candidates,

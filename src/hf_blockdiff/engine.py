@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .compat import cache_argument
 from .masks import decode_meta
 from .noisy_adapter import has_adapter, set_gate
-from .policies import CommitRule, Sampling, propose, speculative_accept
+from .policies import CommitRule, Sampling, check_block_settings, propose, speculative_accept
 
 logger = logging.get_logger(__name__)
 
@@ -483,13 +483,8 @@ class DecodeEngine:
                 raise ValueError("Every prompt needs at least one token.")
             if len(prompt) + budget > self.max_length:
                 raise ValueError(f"A {len(prompt)}-token prompt plus {budget} new tokens exceeds {self.max_length}.")
-            if not 1 <= size <= self.block_size:
-                raise ValueError(f"block_size {size} must be between 1 and the engine's {self.block_size}.")
         for size, check, count in zip(block_sizes, verify, candidates):
-            if check and size < 2:
-                raise ValueError("verify=True needs a block size of at least 2.")
-            if not 0 <= count <= self.candidates:
-                raise ValueError(f"candidates {count} must be between 0 and the engine's {self.candidates}.")
+            check_block_settings(size, check, count, self.block_size, self.candidates, "the engine's")
         dev = self.device
         rows = torch.tensor(slots, dtype=torch.long, device=dev)
         ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long, device=dev)

@@ -24,6 +24,35 @@ import torch
 CONFIDENCE_MEASURES = ("probability", "margin", "entropy")
 
 
+def check_block_settings(block_size, verify: bool = False, candidates=None, largest: int | None = None,
+                         most_candidates: int | None = None, where: str = "the model's"):  # fmt: skip
+    """The one check of a request's block settings, for ``generate()``, the engine and the scheduler (so the
+    server and the CLI): a ValueError that says what to change. ``largest`` / ``most_candidates``: what ``where``
+    (the engine, a server) holds; ``candidates`` None: chosen by the batch."""
+    if (
+        not isinstance(block_size, int)
+        or isinstance(block_size, bool)
+        or not 1 <= block_size <= (largest or block_size)
+    ):
+        upto = f" and at most {where} {largest}" if largest else ""
+        raise ValueError(f"block_size must be an integer >= 1{upto}, got {block_size!r}.")
+    if verify and block_size < 2:
+        raise ValueError(
+            f"verify=True drafts whole blocks and keeps what the causal model accepts: it needs block_size >= 2 "
+            f"(got {block_size}; block_size=1 is already the AR decoding verify reproduces)."
+        )
+    most = block_size if most_candidates is None else min(block_size, most_candidates)
+    if verify and candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool)
+                                              or not 0 <= candidates <= most):  # fmt: skip
+        limit = f"{where} {most_candidates}" if most_candidates is not None and most_candidates < block_size else (
+            f"block_size ({block_size})")  # fmt: skip
+        raise ValueError(
+            f"candidates must be an integer between 0 and {limit}, or None to choose by the batch; got "
+            f"{candidates!r}. It is how many next blocks a verifying forward drafts (0: draft in a forward of its "
+            "own)."
+        )
+
+
 @dataclass
 class Sampling:
     """Per-row sampling settings, each a ``(rows,)`` tensor. ``do_sample`` False rows decode greedily."""

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .denoise import dense_attention, resolve_policy, verify_candidates, verify_plan
 from .engine import DecodeEngine
-from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold
+from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold, check_block_settings
 
 logger = logging.get_logger(__name__)
 
@@ -132,14 +132,8 @@ class Scheduler:
                 f"The prompt ({len(prompt)} tokens) plus max_tokens ({settings.max_tokens}) exceeds this server's "
                 f"context of {self.max_length} tokens; shorten the prompt or lower max_tokens."
             )
-        size = settings.block_size or self.block_size
-        if not 1 <= size <= self.block_size:
-            raise ValueError(f"block_size must be between 1 and this server's {self.block_size}, got {size}.")
-        if settings.verify and size < 2:
-            raise ValueError("verify needs a block_size of at least 2.")
-        if settings.candidates is not None and not 0 <= settings.candidates <= self.engine.candidates:
-            raise ValueError(f"candidates must be between 0 and this server's {self.engine.candidates}, got "
-                             f"{settings.candidates}.")  # fmt: skip
+        check_block_settings(settings.block_size or self.block_size, settings.verify, settings.candidates,
+                             self.block_size, self.engine.candidates, "this server's")  # fmt: skip
 
     @property
     def alive(self) -> bool:
