@@ -450,3 +450,22 @@ def test_where_drafting_does_not_pay_verify_decodes_at_block_size_1(monkeypatch)
     assert causal.block_size == 1 and torch.equal(causal.row_forward_passes, ar.row_forward_passes)
     assert forced.block_size == 4 and torch.equal(forced.row_forward_passes, drafted.row_forward_passes)
     assert not torch.equal(drafted.row_forward_passes, ar.row_forward_passes)  # (the two plans differ)
+
+
+def test_where_verify_is_the_default_generate_gives_block_size_1_tokens(monkeypatch):
+    """denoise.verify_by_default (CUDA): generate() with no decoding settings verifies, so it gives block size 1's
+    tokens; asking for threshold decoding (or verify=False) gets it."""
+    import hf_blockdiff.denoise as denoise
+
+    _, model, _ = converted_pair("llama", block_size=4)
+    ids, mask = padded_batch([7, 3, 5], seed=11)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, do_sample=False,
+                  return_dict_in_generate=True)  # fmt: skip
+    ar = model.generate(ids, block_size=1, **kwargs).sequences
+    by_threshold = model.generate(ids, threshold=0.1, **kwargs)
+    assert not torch.equal(by_threshold.sequences, ar)  # (a test that can tell the two apart)
+    monkeypatch.setattr(denoise, "verify_by_default", lambda model: True)
+    verified = model.generate(ids, **kwargs)
+    assert torch.equal(verified.sequences, ar) and verified.rejected_drafts != [[]] * 3
+    assert torch.equal(model.generate(ids, threshold=0.1, **kwargs).sequences, by_threshold.sequences)
+    assert torch.equal(model.generate(ids, verify=False, threshold=0.1, **kwargs).sequences, by_threshold.sequences)

@@ -134,6 +134,12 @@ class DenoisePolicy:
 # Settings
 
 
+def verify_by_default(model) -> bool:
+    """Whether ``generate()`` verifies unless told otherwise: on CUDA, where verified decoding is faster than
+    threshold decoding and block size 1 (docs/design.md 2.6), and gives block size 1's tokens."""
+    return model.device.type == "cuda"
+
+
 def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -> DenoisePolicy:
     """Merge ``generation_config`` (or the model's) with call kwargs, validate, and return the policy."""
     for name in UNSUPPORTED:
@@ -154,7 +160,13 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         return default if value is None else value
 
     block_size = setting("block_size", getattr(model.config, "block_size", None) or 1)
-    verify = bool(setting("verify", False))
+    verify = setting("verify", None)
+    if verify is None:  # lossless by default where it is faster; threshold decoding when the caller asks for it
+        asked = {name for name in ("threshold", "steps_per_block") if block_kwargs.get(name) is not None}
+        if generation_config is not None:
+            asked |= {name for name in ("threshold", "steps_per_block") if getattr(gc, name, None) is not None}
+        verify = block_size > 1 and not asked and verify_by_default(model)
+    verify = bool(verify)
     candidates = setting("candidates", None) if verify else 0
     check_block_settings(block_size, verify, candidates)
     steps_per_block = block_kwargs.get("steps_per_block", getattr(gc, "steps_per_block", None))
