@@ -37,6 +37,12 @@ for step in "$@"; do case $step in
     log bench engine $NAME; $PY benchmarks/bench_engine.py --model "$GGUF" --adapter smollm2-bd16 --batches ${BATCHES:-1 16 64} \
       --settings ${SETTINGS:-1:1.0 16:0.9 16:verify:0 16:verify 8:verify} --contexts ${EXTRA:-} --out "${NAME:-engine_verify}" 2>&1 \
       | grep -v "^{" | tail -40; cp benchmarks/results/"${NAME:-engine_verify}".* "$OUT/" ;;
+  bench-serve)  # CONCURRENCY from the environment
+    log bench serve; timeout 540 $PY benchmarks/bench_serve.py --model "$GGUF" --adapter smollm2-bd16 --concurrency ${CONCURRENCY:-1 8 32} \
+      2>&1 | grep -v "^{" | tail -20; cp benchmarks/results/serve_smollm2.* "$OUT/" ;;
+  profile-verify)  # where a verifying step's time goes: BATCH, BLOCK, CANDIDATES from the environment
+    log profile verify; timeout 300 $PY benchmarks/profile_engine.py --model "$GGUF" --adapter smollm2-bd16 --batch ${BATCH:-16} \
+      --block-size ${BLOCK:-4} --candidates ${CANDIDATES:-1} 2>&1 | grep "^|" | tail -30; cp benchmarks/results/profile_engine_* "$OUT/" ;;
   bench-trainer)
     log trainer throughput; $PY benchmarks/bench_trainer.py --source "$GGUF" --data .carry/wiki_train.jsonl 2>&1 | grep -v "^{\|it/s" | tail -12; cp benchmarks/results/trainer_throughput.* "$OUT/" ;;
   multigpu)

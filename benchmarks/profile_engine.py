@@ -1,6 +1,7 @@
 """Where an engine step spends its GPU time: kernels of a few eager steps under torch.profiler, top by time.
 
 python benchmarks/profile_engine.py --shape smollm2-135m --batch 16 --block-size 16
+python benchmarks/profile_engine.py --model GGUF --adapter smollm2-bd16 --batch 16 --block-size 4 --candidates 1
 """
 
 from __future__ import annotations
@@ -23,11 +24,25 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--model", default=None, help="real weights (bench_engine.py's --model) instead of --shape")
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--candidates", type=int, default=None, help="profile verified decoding with this many "
+                        "candidates (0: two forwards per block) instead of threshold decoding")  # fmt: skip
     args = parser.parse_args(argv)
-    model = random_model(args.shape, "sdpa").eval()
+    if args.model:
+        from bench_engine import load
+
+        load_args = argparse.Namespace(shape=None, model=args.model, adapter=args.adapter, dtype="bfloat16",
+                                       device="cuda")  # fmt: skip
+        model = load(load_args)[1]
+    else:
+        model = random_model(args.shape, "sdpa").eval()
     ids = torch.randint(0, 1000, (args.batch, args.context), device="cuda")
     kwargs = dict(max_new_tokens=64, block_size=args.block_size, threshold=1.0, eos_token_id=[], pad_token_id=0,
                   use_cuda_graph=False)  # fmt: skip
+    if args.candidates is not None:
+        kwargs.pop("threshold")
+        kwargs.update(verify=True, candidates=args.candidates)
     with torch.no_grad():
         model.generate(ids, **kwargs)  # warm-up
         torch.cuda.synchronize()
@@ -42,8 +57,13 @@ def main(argv=None):
     total = sum(e.device_time_total for e in prof.key_averages()) / steps
     rows.append({"kernel": "all kernels", "calls/step": sum(e.count for e in prof.key_averages()) / steps,
                  "us/step": total})  # fmt: skip
-    save(f"profile_engine_{args.shape}_b{args.batch}", f"Engine step kernels: {args.shape}, batch {args.batch}, "
-         f"block {args.block_size}, eager", rows, columns=["kernel", "calls/step", "us/step"])  # fmt: skip
+    what = args.model or args.shape
+    how = "" if args.candidates is None else f", verify with {args.candidates} candidates"
+    name = f"profile_engine_{Path(what).stem}_b{args.batch}" + (
+        "" if args.candidates is None else f"_c{args.candidates}"
+    )
+    save(name, f"Engine step kernels: {what}, batch {args.batch}, block {args.block_size}{how}, eager", rows,
+         columns=["kernel", "calls/step", "us/step"])  # fmt: skip
 
 
 if __name__ == "__main__":

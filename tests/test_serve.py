@@ -450,3 +450,35 @@ def test_where_drafting_does_not_pay_served_verify_decodes_at_block_size_1(monke
     assert scheduler.verify_causally and scheduler.engine.candidates == 0
     _, ar = reference(model, tok, prompt, 12, block_size=1)
     assert request.tokens[: len(ar)] == ar and request.forwards == len(request.tokens)
+
+
+def test_where_verify_is_the_default_requests_verify_unless_they_set_a_threshold(monkeypatch):
+    """On CUDA (scheduler.verify_by_default) a request that says nothing verifies: block size 1's tokens. One that
+    sets a threshold, or verify=False, is threshold-decoded; so is every request of a server given a threshold."""
+    import hf_blockdiff.scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "verify_by_default", lambda model: True)
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    prompt = [3, 14, 15, 9, 2, 6]
+    _, ar = reference(model, tok, prompt, 12, block_size=1)
+    _, thresholded = reference(model, tok, prompt, 12, threshold=0.1)
+    assert thresholded != ar  # (a test that can tell the two apart)
+
+    def serve_all(scheduler, asks):
+        scheduler.start()
+        try:
+            requests = []
+            for settings in asks:
+                done = threading.Event()
+                request = Request(prompt, RequestSettings(max_tokens=12, **settings),
+                                  on_update=lambda _text, reason, done=done: reason is not None and done.set())  # fmt: skip
+                requests.append((scheduler.submit(request), done))
+            assert all(done.wait(WAIT_S) for _, done in requests)
+        finally:
+            scheduler.stop()
+        return [request.tokens for request, _ in requests]
+
+    asks = [{}, {"threshold": 0.1}, {"verify": False, "threshold": 0.1}, {"block_size": 1}]
+    got = serve_all(Scheduler(model, tok, max_batch=2, max_length=64), asks)
+    assert got == [ar[: len(got[0])], thresholded, thresholded, ar[: len(got[3])]] and len(got[0]) == len(ar)
+    assert serve_all(Scheduler(model, tok, max_batch=2, max_length=64, threshold=0.1), [{}]) == [thresholded]

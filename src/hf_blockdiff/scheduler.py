@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers.utils import logging
 
-from .denoise import dense_attention, resolve_policy, verify_candidates, verify_plan
+from .denoise import dense_attention, resolve_policy, verify_by_default, verify_candidates, verify_plan
 from .engine import DecodeEngine
 from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold, check_block_settings
 
@@ -42,7 +42,7 @@ class RequestSettings:
     top_k: int | None = None  # 0 or None: off
     block_size: int | None = None
     threshold: float | None = None
-    verify: bool = False
+    verify: bool | None = None  # None: the server's default (Scheduler.verifies)
     candidates: int | None = None  # verify: next blocks drafted per verifying forward (None: the server's)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -102,6 +102,9 @@ class Scheduler:
         # at block size 1 (denoise.verify_plan).
         verifying = replace(self.defaults, verify=self.block_size > 1, candidates=defaults.get("candidates"))
         self.verify_causally = self.block_size > 1 and not verify_plan(verifying, rows, device).verify
+        # Requests that say nothing verify where generate() does (CUDA), unless the server was given a threshold.
+        self.verify_default = (self.block_size > 1 and verify_by_default(model)
+                               and not {"threshold", "steps_per_block"} & set(defaults))  # fmt: skip
         self.engine = DecodeEngine(
             model, rows=rows, max_length=max_length, block_size=self.block_size, rule=self.rule,
             sampling=self.sampling, confidence=self.defaults.confidence, eos_token_ids=self.defaults.eos_token_ids,
@@ -121,7 +124,15 @@ class Scheduler:
     # -- the caller's side ---------------------------------------------------------------------------------
     def _causal(self, settings: RequestSettings) -> bool:
         """Whether a verified request decodes at block size 1 here (its tokens are the same either way)."""
-        return settings.verify and self.verify_causally and settings.candidates is None
+        return self.verifies(settings) and self.verify_causally and settings.candidates is None
+
+    def verifies(self, settings: RequestSettings) -> bool:
+        """Whether a request verifies: as it says, or by the server's default unless it sets a threshold or a block
+        size of 1."""
+        if settings.verify is not None:
+            return settings.verify
+        size = settings.block_size or self.block_size
+        return self.verify_default and settings.threshold is None and size > 1
 
     def check(self, prompt: list[int], settings: RequestSettings):
         """Raise ValueError (with what to change) if a request cannot run here; nothing is queued."""
@@ -132,7 +143,7 @@ class Scheduler:
                 f"The prompt ({len(prompt)} tokens) plus max_tokens ({settings.max_tokens}) exceeds this server's "
                 f"context of {self.max_length} tokens; shorten the prompt or lower max_tokens."
             )
-        check_block_settings(settings.block_size or self.block_size, settings.verify, settings.candidates,
+        check_block_settings(settings.block_size or self.block_size, self.verifies(settings), settings.candidates,
                              self.block_size, self.engine.candidates, "this server's")  # fmt: skip
 
     @property
@@ -238,7 +249,7 @@ class Scheduler:
                              for r in admitted],
                 requests=admitted,
                 generators=generators,
-                verify=[r.settings.verify and not self._causal(r.settings) for r in admitted],
+                verify=[self.verifies(r.settings) and not self._causal(r.settings) for r in admitted],
                 candidates=[r.settings.candidates for r in admitted],
             )  # fmt: skip
         except Exception as error:  # the prefill of these requests failed; those decoding already go on

@@ -121,7 +121,7 @@ class _Common(BaseModel):
     # block diffusion
     block_size: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, ge=0, le=1)
-    verify: bool = False
+    verify: bool | None = None  # None: the server's default (on CUDA: verify, unless a threshold is given)
     candidates: int | None = Field(default=None, ge=0)  # verify: next blocks drafted per verifying forward
 
     _text_only = field_validator("*")(_unicode_only)
