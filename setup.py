@@ -41,6 +41,9 @@ setup(
         "smollm2": ["gguf>=0.10"],
         # `hf_blockdiff serve`: an OpenAI-compatible server (the `openai` client is only needed by its tests).
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # Training on CUDA: liger-kernel's fused linear cross-entropy for the two-stream losses (fused_loss="auto"
+        # picks it up; without it the losses use chunked float32 logits). Needs triton, so not in the base install.
+        "train": ["liger-kernel>=0.8.2"],
         # lm-evaluation-harness: `--model hf` works as is; `python -m hf_blockdiff.harness` adds `hf_blockdiff`.
         # Its `api` extra (tenacity, aiohttp, ...) runs `--model local-completions` against `hf_blockdiff serve`.
         "eval": ["lm_eval[api]>=0.4.13,<0.5"],

@@ -102,20 +102,49 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, title: str, rows: list[dict], notes: str = "", columns=None) -> Path:
-    """Print the table and save it (markdown + json) under benchmarks/results/."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    header = f"# {title}\n\nDevice: {device_name()}; torch {torch.__version__}"
+def environment() -> str:
+    """Where a result was measured: device, torch and transformers versions."""
+    text = f"Device: {device_name()}; torch {torch.__version__}"
     try:
         import transformers
 
-        header += f"; transformers {transformers.__version__}"
+        text += f"; transformers {transformers.__version__}"
     except ImportError:
         pass
-    text = f"{header}\n\n{markdown_table(rows, columns)}\n" + (f"\n{notes}\n" if notes else "")
+    return text
+
+
+def save(
+    name: str, title: str, rows: list[dict], notes: str = "", columns=None, measured_on: str | None = None
+) -> Path:
+    """Print the table and save it (markdown + json) under benchmarks/results/. ``measured_on``: the
+    :func:`environment` line of where the rows were measured (default: here)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    measured_on = measured_on or environment()
+    text = f"# {title}\n\n{measured_on}\n\n{markdown_table(rows, columns)}\n" + (f"\n{notes}\n" if notes else "")
     print(text)
     (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps({"title": title, "device": device_name(), "rows": rows}, indent=1)
-    )
+    device = measured_on.split(";")[0].removeprefix("Device: ")
+    record = {"title": title, "device": device, "rows": rows, "notes": notes, "columns": columns,
+              "measured_on": measured_on}  # fmt: skip
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
     return RESULTS / f"{name}.md"
+
+
+def merge(name: str, parts: list[str]) -> Path:
+    """One table of the rows of tables saved by :func:`save` (e.g. one process per batch, each under a time limit),
+    saved as ``name``; title, notes, columns and where they were measured from the first part found (so a merge
+    made on another machine keeps the GPU's). A part that is missing is named."""
+    found = [p for p in parts if (RESULTS / f"{p}.json").exists()]
+    if not found:
+        raise FileNotFoundError(f"None of {parts} is saved under {RESULTS}.")
+    loaded = [json.loads((RESULTS / f"{p}.json").read_text()) for p in found]
+    missing = [p for p in parts if p not in found]
+    notes = loaded[0].get("notes") or ""
+    notes += f" Merged from: {', '.join(found)}." + (
+        f" Missing (no rows saved): {', '.join(missing)}." if missing else ""
+    )
+    rows = [row for part in loaded for row in part["rows"]]
+    first = loaded[0]
+    measured_on = first.get("measured_on") or (f"Device: {first['device']}" if first.get("device") else None)
+    return save(name, first["title"], rows, notes=notes.strip(), columns=first.get("columns"), measured_on=measured_on)

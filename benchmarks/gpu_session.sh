@@ -37,6 +37,26 @@ for step in "$@"; do case $step in
     log bench engine $NAME; $PY benchmarks/bench_engine.py --model "$GGUF" --adapter smollm2-bd16 --batches ${BATCHES:-1 16 64} \
       --settings ${SETTINGS:-1:1.0 16:0.9 16:verify:0 16:verify 8:verify} --contexts ${EXTRA:-} --out "${NAME:-engine_verify}" 2>&1 \
       | grep -v "^{" | tail -40; cp benchmarks/results/"${NAME:-engine_verify}".* "$OUT/" ;;
+  bench-grid)  # issue 20: batch x context, HF static vs ours b=1 vs the default decoding, with memory. One process per
+    # model and batch (each under GRID_TIMEOUT s), merged into one table per model. MODELS (smollm2 and/or shapes
+    # of benchmarks/common.py), BATCHES, CONTEXTS, REPEATS, ADAPTER (smollm2's; empty: none) from the environment
+    for m in ${MODELS:-smollm2 qwen2-1.5b}; do
+      if [ "$m" = smollm2 ]; then src=(--model "$GGUF"); [ -n "${ADAPTER-smollm2-bd16}" ] && src+=(--adapter "${ADAPTER-smollm2-bd16}")
+      else src=(--shape "$m"); fi
+      parts=(); batches=${BATCHES:-1 16 64}; name=engine_grid_$m${BATCHES:+_b${BATCHES// /_}}
+      for b in $batches; do
+        log bench grid $m batch $b; rm -f benchmarks/results/grid_"${m}_b${b}"_contexts.* benchmarks/results/"$name".*
+        timeout -k 10 "${GRID_TIMEOUT:-300}" $PY benchmarks/bench_engine.py "${src[@]}" --no-chat --batches "$b" \
+          --contexts ${CONTEXTS:-128 1024 4096} --repeats "${REPEATS:-3}" --out "grid_${m}_b$b" 2>&1 \
+          | grep -v "^{\|^|\|^$\|^# \|^Device: \|^Prompts: " | tail -8
+        rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || echo "grid $m batch $b: exit $rc (124: past GRID_TIMEOUT; its rows so far are kept)"
+        parts+=("grid_${m}_b${b}_contexts")  # in $OUT at once (a call cut short keeps it; --merge it there later)
+        cp benchmarks/results/"grid_${m}_b${b}_contexts.json" "$OUT/" 2>/dev/null
+      done
+      log merge $name; $PY benchmarks/bench_engine.py --merge "${parts[@]}" --out "$name" 2>&1 | grep "^|\|Error"
+      [ -f benchmarks/results/"$name".json ] && cp benchmarks/results/"$name".* "$OUT/" \
+        && for part in "${parts[@]}"; do rm -f "$OUT/$part.json"; done  # (at most 8 files come back from $OUT)
+    done ;;
   bench-serve)  # CONCURRENCY from the environment
     log bench serve; timeout 540 $PY benchmarks/bench_serve.py --model "$GGUF" --adapter smollm2-bd16 --concurrency ${CONCURRENCY:-1 8 32} \
       2>&1 | grep -v "^{" | tail -20; cp benchmarks/results/serve_smollm2.* "$OUT/" ;;

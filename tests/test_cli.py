@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import source_model, tiny_tokenizer
+from helpers import converted_pair, source_model, tiny_tokenizer
 
 from hf_blockdiff import cli, hub
 from hf_blockdiff import convert as convert_module
 from hf_blockdiff.hub import PORTABLE_FILES
+from hf_blockdiff.settings import SETTINGS
 
 EXPECTED_FILES = {"README.md", "blockdiff_card.json", "chat_template.jinja", "config.json", "generation_config.json",
                   "model.safetensors", "tokenizer.json", "tokenizer_config.json", *PORTABLE_FILES}  # fmt: skip
@@ -229,6 +230,39 @@ def test_every_subcommand_has_help_with_examples(capsys):
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
         assert "example" in capsys.readouterr().out
+
+
+def test_every_decoding_setting_is_a_flag_of_generate_and_serve():
+    parser = cli.build_parser()
+    for argv in (["generate", "model", "Hi"], ["serve", "model"]):
+        assert set(SETTINGS) <= set(vars(parser.parse_args(argv))), argv[0]
+
+
+def test_serve_flags_become_the_servers_settings(monkeypatch, capsys):
+    """Every decoding flag of `serve` reaches the scheduler (it used to pass --threshold only), checked before the
+    model loads as generate's are."""
+    _, model, tok = converted_pair("llama", block_size=4)
+    monkeypatch.setattr(cli, "load_for_generation", lambda args: (model, tok))
+    served = []
+
+    def serve(scheduler, name, **kwargs):  # instead of uvicorn: note the scheduler, stop
+        served.append(scheduler)
+        scheduler.stop()
+
+    monkeypatch.setattr("hf_blockdiff.serve.serve", serve)
+    flags = ["--steps-per-block", "2", "--repeat-guard", "--confidence", "margin", "--no-use-cuda-graph", "--verify"]
+    assert run(["serve", "model", *flags], capsys)[0] == 0
+    settings = served[0].defaults
+    assert (settings.steps_per_block, settings.repeat_guard, settings.confidence, settings.use_cuda_graph) == (
+        2, True, "margin", False)  # fmt: skip
+    assert served[0].block_size == 4 and served[0].verify_default  # --verify: blocks on CPU too, and verified
+
+    monkeypatch.setattr(cli, "load_for_generation", lambda args: pytest.fail("loaded before checking the flags"))
+    code, _, err = run(["serve", "model", "--verify", "--block-size", "1"], capsys)
+    assert code == 1 and "needs block_size >= 2" in err and "hint: change --block-size or --verify" in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "model", "--steps-per-block", "0"])
+    assert exit_info.value.code == cli.EXIT_USAGE and "--steps-per-block: must be >= 1" in capsys.readouterr().err
 
 
 def test_env_and_console_script(capsys):

@@ -303,27 +303,40 @@ def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidate
         assert engine.slots[r].rejected == rejected
 
 
-def test_verifying_and_threshold_rows_share_a_batch():
-    """One engine serves a verifying request next to a threshold request: each decodes as it would alone."""
-    model = pair("qwen2", 8)
-    prompts = prompts_of([6, 4], seed=3)
-    rule, sampling = rule_for("threshold", 0.5, 2), sampling_for(2)
-    engine = DecodeEngine(model, 2, 40, 8, rule, sampling, eos_token_ids=RARE_STOPS, pad_token_id=PAD)
-    tokens = {0: [], 1: []}
-    events = engine.add(prompts, [0, 1], MAX_NEW, verify=[True, False])
-    while True:
+def decode_rows(engine, prompts, **settings):
+    """Run ``prompts`` on ``engine`` from slot 0 on; returns each row's tokens and forwards."""
+    tokens = {r: [] for r in range(len(prompts))}
+    events = engine.add(prompts, list(range(len(prompts))), MAX_NEW, **settings)
+    for _ in range(4 * MAX_NEW):  # every step makes progress: a row that never ends is a bug, not a slow test
         for row, new, _, _ in events:
             tokens[row] += new
         if not any(s.busy for s in engine.slots):
-            break
+            return [tokens[r] for r in range(len(prompts))], engine.forwards.tolist()[: len(prompts)]
         events = engine.step()
-    ids = torch.tensor([prompts[0]], device=DEVICE)
-    alone = model.generate(ids, block_size=1, max_new_tokens=MAX_NEW, eos_token_id=RARE_STOPS, pad_token_id=PAD)
-    assert tokens[0] == alone[0, len(prompts[0]) :].tolist()[: len(tokens[0])]
-    assert len(tokens[0]) == MAX_NEW or tokens[0][-1] in RARE_STOPS
-    expected, _, _ = reference_generate(model, prompts[1], max_new=MAX_NEW, block_size=8, width=8,
+    raise AssertionError(f"rows still decoding after {4 * MAX_NEW} steps: {tokens}")
+
+
+def test_all_decoding_methods_share_a_batch():
+    """One step serves a one-forward-verify row, a two-forward-verify row and a threshold row, each through its own
+    decoding method: every row decodes as it does alone (tokens and forwards), the verifying ones as block size 1,
+    the threshold one as the reference decoder."""
+    model = pair("qwen2", 8)
+    prompts = prompts_of([6, 4, 5], seed=3)
+    settings = [dict(verify=True, candidates=3), dict(verify=True, candidates=0), dict(verify=False)]
+    build = lambda rows: DecodeEngine(model, rows, 40, 8, rule_for("threshold", 0.5, rows), sampling_for(rows),  # noqa: E731
+                                      eos_token_ids=RARE_STOPS, pad_token_id=PAD, candidates=3)  # fmt: skip
+    together, forwards = decode_rows(build(3), prompts, **{k: [s.get(k) for s in settings] for k in settings[0]})
+    for r, (prompt, setting) in enumerate(zip(prompts, settings)):
+        alone, alone_forwards = decode_rows(build(1), [prompt], **setting)
+        assert together[r] == alone[0] and forwards[r] == alone_forwards[0], setting
+    for r in (0, 1):
+        ids = torch.tensor([prompts[r]], device=DEVICE)
+        ar = model.generate(ids, block_size=1, max_new_tokens=MAX_NEW, eos_token_id=RARE_STOPS, pad_token_id=PAD)
+        assert together[r] == ar[0, len(prompts[r]) :].tolist()[: len(together[r])]
+        assert len(together[r]) == MAX_NEW or together[r][-1] in RARE_STOPS
+    expected, _, _ = reference_generate(model, prompts[2], max_new=MAX_NEW, block_size=8, width=8,
                                         rule=rule_for("threshold", 0.5, 1), eos=RARE_STOPS)  # fmt: skip
-    assert tokens[1] == expected
+    assert together[2] == expected
 
 
 def test_verify_refuses_block_size_1_and_bad_candidates():
@@ -432,8 +445,9 @@ def test_verify_reports_its_rejected_drafts_and_the_picture_shows_them():
 
 
 def test_where_drafting_does_not_pay_verify_decodes_at_block_size_1(monkeypatch):
-    """verify_plan: where drafting is slower than block size 1 (on CUDA from CAUSAL_ROWS rows on), a verifying
-    batch decodes at block size 1: the same tokens, one per forward. Explicit candidates keep the drafts."""
+    """verify_plan: where drafting is slower than block size 1 (on CUDA from the last VERIFY_PLANS entry's rows
+    on), a verifying batch decodes at block size 1: the same tokens, one per forward; where a smaller block pays,
+    with that block. Explicit candidates keep the drafts as asked."""
     import hf_blockdiff.denoise as denoise
 
     _, model, _ = converted_pair("llama", block_size=4)
@@ -442,11 +456,15 @@ def test_where_drafting_does_not_pay_verify_decodes_at_block_size_1(monkeypatch)
                   return_dict_in_generate=True)  # fmt: skip
     ar = model.generate(ids, block_size=1, **kwargs)
     drafted = model.generate(ids, block_size=4, verify=True, **kwargs)
-    monkeypatch.setattr(denoise, "drafting_pays", lambda rows, device: False)
+    monkeypatch.setattr(denoise, "verify_plans", lambda device: ())
     causal = model.generate(ids, block_size=4, verify=True, **kwargs)
     forced = model.generate(ids, block_size=4, verify=True, candidates=0, **kwargs)
-    for out in (drafted, causal, forced):
+    monkeypatch.setattr(denoise, "verify_plans", lambda device: ((2, None, None), (4, 2, 1)))  # 3 rows: b=2, c=1
+    smaller = model.generate(ids, block_size=4, verify=True, **kwargs)
+    alone = model.generate(ids[:1], block_size=4, verify=True, **{**kwargs, "attention_mask": mask[:1]})
+    for out in (drafted, causal, forced, smaller):
         assert torch.equal(out.sequences, ar.sequences)
+    assert smaller.block_size == 2 and alone.block_size == 4  # (one row: fewer than 2, the plan as asked)
     assert causal.block_size == 1 and torch.equal(causal.row_forward_passes, ar.row_forward_passes)
     assert forced.block_size == 4 and torch.equal(forced.row_forward_passes, drafted.row_forward_passes)
     assert not torch.equal(drafted.row_forward_passes, ar.row_forward_passes)  # (the two plans differ)

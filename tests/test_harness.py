@@ -286,6 +286,15 @@ def test_harness_model_refuses_an_unconverted_checkpoint(folders):
         BlockDiffusionLM(pretrained=source, device="cpu")
 
 
+def test_harness_model_checks_its_block_settings_before_loading():
+    """--model_args block settings get generate()'s check (settings.DecodeSettings) at once, not at the first
+    generation request after the model has loaded (here there is no model to load)."""
+    with pytest.raises(ValueError, match="threshold must be in"):
+        BlockDiffusionLM(pretrained="./no-such-model", threshold=1.5)
+    with pytest.raises(ValueError, match="needs block_size >= 2"):
+        BlockDiffusionLM(pretrained="./no-such-model", block_size=1, verify=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # lm-eval's API model `local-completions` against `hf_blockdiff serve`
 

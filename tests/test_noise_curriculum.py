@@ -38,7 +38,8 @@ def test_never_masks_prompt_padding_or_block_first(block_size):
 
 def test_mask_rate_tracks_t():
     ids, am, labels = sft_batch()
-    ids, am, labels = ids.repeat(50, 1), am.repeat(50, 1), labels.repeat(50, 1)
+    # 400 copies: about 1,800 blocks, so the mean of t is within 0.03 of E[t] for any seed (std about 0.005).
+    ids, am, labels = ids.repeat(400, 1), am.repeat(400, 1), labels.repeat(400, 1)
     g = torch.Generator().manual_seed(0)
     noise = NoiseSampler(MASK, eps=0.2)(ids, am, labels, 8, generator=g)
     in_grid = noise.maskable

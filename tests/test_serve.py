@@ -22,6 +22,7 @@ from helpers import convert_tiny_checkpoint, converted_pair
 
 from hf_blockdiff.scheduler import Request, RequestSettings, Scheduler
 from hf_blockdiff.serve import create_app
+from hf_blockdiff.settings import ENGINE_WIDE
 
 SLOTS, CONTEXT, BLOCK = 4, 256, 4
 WAIT_S = 60  # every wait below is bounded
@@ -208,6 +209,13 @@ def test_a_client_killed_mid_stream_frees_its_slot(server):
         ({"model": "tiny", "prompt": "w1", "block_size": BLOCK + 1}, 400, None),
         ({"model": "tiny", "prompt": "w1", "verify": True, "block_size": 1}, 400, None),
         ({"model": "tiny", "prompt": "w1", "verify": True, "candidates": 1}, 400, None),  # the CPU server has 0
+        ({"model": "tiny", "prompt": "w1", "steps_per_block": 0}, 400, "steps_per_block"),
+        ({"model": "tiny", "prompt": "w1", "repeat_guard": "yes"}, 400, "repeat_guard"),
+        ({"model": "tiny", "prompt": "w1", "threshold": "high"}, 400, "threshold"),
+        # one engine holds these for every request: the server's, never a request's
+        ({"model": "tiny", "prompt": "w1", "confidence": "margin"}, 400, "confidence"),
+        ({"model": "tiny", "prompt": "w1", "use_cuda_graph": False}, 400, "use_cuda_graph"),
+        ({"model": "tiny", "prompt": "w1", "compile_step": True}, 400, "compile_step"),
         ({"model": "tiny", "prompt": [10**6]}, 400, "prompt"),
         ({"model": "other", "prompt": "w1"}, 404, "model"),
         ({"model": "tiny"}, 400, "prompt"),
@@ -220,6 +228,59 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, st
     error = reply["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
     assert call(url, "GET", "/health") == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("repeat_guard", "yes", "repeat_guard must be true or false"),
+        ("verify", 1, "verify must be true or false"),
+        ("steps_per_block", True, "steps_per_block must be an integer"),
+        ("steps_per_block", 0, "steps_per_block must be >= 1"),
+        ("candidates", -1, "candidates must be an integer between 0 and block_size"),
+        ("threshold", "0.5", "threshold must be a number"),
+        ("block_size", 2.0, "block_size must be an integer"),
+        ("use_cuda_graph", "no", "use_cuda_graph must be true or false"),
+        ("confidence", "vibes", "confidence must be one of"),
+    ],
+)
+def test_a_setting_is_refused_alike_by_generate_a_server_and_a_request(name, value, message):
+    """One check (settings.DecodeSettings) for generate() and for a server's defaults and requests: one message,
+    saying what the setting may be (several of these used to be coerced, ignored or a TypeError)."""
+    _, model, tok = converted_pair("llama", block_size=BLOCK)
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[3, 14, 15]]), max_new_tokens=4, **{name: value})
+    with pytest.raises(ValueError, match=message):
+        Scheduler(model, tok, max_batch=1, max_length=32, **{name: value})
+    if name not in ENGINE_WIDE:  # (those are refused per request whatever their value: see test_bad_requests)
+        scheduler = Scheduler(model, tok, max_batch=1, max_length=32)
+        with pytest.raises(ValueError, match=message):
+            scheduler.check([3], RequestSettings(max_tokens=2, **{name: value}))
+
+
+def test_requests_choose_their_step_quota_and_repeat_guard(server):
+    """steps_per_block and repeat_guard per request (they used to be ignored as unknown fields), side by side in one
+    batch with requests that set neither: each decodes as generate() with its settings, in as many forwards."""
+    model, tok, scheduler, client, _ = server
+    prompt = [3, 14, 15, 9, 2, 6]
+    cases = [{"steps_per_block": 2}, {"steps_per_block": 1, "repeat_guard": True},
+             {"threshold": 0.0, "repeat_guard": True}, {"threshold": 0.0}]  # fmt: skip
+
+    def expected(settings):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, block_size=BLOCK, do_sample=False,
+                             return_dict_in_generate=True, **settings)  # fmt: skip
+        new = out.sequences[0, len(prompt) : len(prompt) + int(out.num_generated_tokens[0])].tolist()
+        return tok.decode(new, skip_special_tokens=True), len(new), int(out.row_forward_passes[0])
+
+    def ask(settings):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, extra_body=settings)
+        return reply.choices[0].text, reply.usage.completion_tokens, reply.usage.forward_passes
+
+    want = [expected(settings) for settings in cases]
+    assert len({forwards for *_, forwards in want}) == 3 and want[0] != expected({})  # the settings tell apart
+    with ThreadPoolExecutor(len(cases)) as pool:
+        assert list(pool.map(ask, cases, timeout=WAIT_S)) == want
+    wait_until_idle(scheduler)
 
 
 @pytest.mark.slow
@@ -270,10 +331,13 @@ def test_an_api_key_guards_v1_but_not_health(server):
         stop()
 
 
-@pytest.mark.parametrize("defaults", [{"steps_per_block": 2}, {"steps_per_block": 2, "repeat_guard": True}])
+@pytest.mark.parametrize("defaults", [{"steps_per_block": 2}, {"steps_per_block": 2, "repeat_guard": True},
+                                      {"threshold": 0.2, "confidence": "margin"}, {"verify": True},
+                                      {"threshold": 0.0, "use_cuda_graph": False, "compile_step": False}])  # fmt: skip
 def test_the_scheduler_honours_the_servers_decoding_defaults(defaults):
-    """A server started with a step quota or the repeat guard decodes as generate() does with them: the same
-    tokens in the same number of forwards (they used to be accepted and ignored)."""
+    """A server started with a step quota, the repeat guard, a confidence measure or verify decodes the requests
+    that say nothing as generate() does with them: the same tokens in the same number of forwards (the quota and
+    the guard, and verify, used to be accepted and ignored)."""
     _, model, tok = converted_pair("llama", block_size=BLOCK)
     scheduler = Scheduler(model, tok, max_batch=2, max_length=64, **defaults).start()
     try:
@@ -435,7 +499,7 @@ def test_where_drafting_does_not_pay_served_verify_decodes_at_block_size_1(monke
     size 1: block size 1's tokens, one per forward, and no candidate positions in its steps."""
     import hf_blockdiff.denoise as denoise
 
-    monkeypatch.setattr(denoise, "drafting_pays", lambda rows, device: False)
+    monkeypatch.setattr(denoise, "verify_plans", lambda device: ())
     _, model, tok = converted_pair("llama", block_size=BLOCK)
     scheduler = Scheduler(model, tok, max_batch=2, max_length=64, candidates=None).start()
     prompt = [3, 14, 15, 9, 2, 6]

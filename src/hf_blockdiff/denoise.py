@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
@@ -27,25 +27,12 @@ from transformers.utils import logging
 
 from .engine import DecodeEngine
 from .masks import attention_backend
-from .policies import (
-    CONFIDENCE_MEASURES,
-    AnyOf,
-    FixedSteps,
-    RepeatGuard,
-    Sampling,
-    Threshold,
-    check_block_settings,
-    settings_of,
-    structure_of,
-)
+from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold, settings_of, structure_of
+from .settings import SETTINGS, DecodeSettings
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_THRESHOLD = 0.9
-# generate() kwargs (and generation_config attributes) that belong to block diffusion
-# How a block is decoded (what a result reports beside block_size), and every block-diffusion generate() kwarg.
-DECODING_SETTINGS = ("threshold", "steps_per_block", "confidence", "repeat_guard", "verify", "candidates")
-BLOCK_SETTINGS = ("block_size", *DECODING_SETTINGS, "use_cuda_graph", "compile_step")
 # generate() arguments that this decoder cannot honour; failing loudly beats silently ignoring them.
 UNSUPPORTED = (
     "inputs_embeds",
@@ -83,14 +70,12 @@ class BlockDiffusionGenerateOutput(ModelOutput):
     rejected_drafts: list[list[tuple[int, list[int]]]] | None = None
 
 
-@dataclass
-class DenoisePolicy:
-    """How tokens are chosen and committed; resolved from generation_config and generate() kwargs."""
+@dataclass(kw_only=True)
+class DenoisePolicy(DecodeSettings):
+    """The block settings of one ``generate()`` call, resolved and validated (``threshold``, ``steps_per_block`` or
+    both set; ``candidates``, ``use_cuda_graph`` and ``compile_step`` None where chosen by the batch or the
+    device), with the transformers generation settings they go with."""
 
-    block_size: int
-    threshold: float | None  # commit every masked position whose confidence exceeds it (at least one per step)
-    steps_per_block: int | None  # or: finish every block in this many denoising steps
-    confidence: str
     do_sample: bool
     temperature: float
     top_k: int | None
@@ -102,13 +87,6 @@ class DenoisePolicy:
     mask_token_id: int | None
     return_dict_in_generate: bool = False
     stop_strings: list[str] | None = None
-    repeat_guard: bool = False  # hold back threshold commits that repeat an adjacent, still-unknown proposal
-    use_cuda_graph: bool | None = None  # None: on CUDA
-    verify: bool = False  # draft each block in one step, keep what the causal model accepts (lossless)
-    # verify: candidate next blocks drafted inside each verifying forward (docs/design.md 2.6); None: chosen by the
-    # batch (:func:`verify_candidates`); 0: a separate drafting forward per block
-    candidates: int | None = None
-    compile_step: bool | None = None  # torch.compile the captured step (None: whenever a CUDA graph is used)
 
     def commit_rule(self, rows: int, device) -> AnyOf | Threshold | FixedSteps | RepeatGuard:
         """The commit rule these settings describe, with per-row tensors for ``rows`` rows."""
@@ -146,7 +124,7 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         if kwargs.pop(name, None) is not None:
             raise ValueError(f"Block-diffusion generate() does not support `{name}`.")
     gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    block_kwargs = {k: kwargs.pop(k) for k in BLOCK_SETTINGS if k in kwargs}
+    passed = {name: kwargs.pop(name) for name in SETTINGS if name in kwargs}
     unused = gc.update(**kwargs)
     for key in ("use_cache", "synced_gpus"):
         unused.pop(key, None)
@@ -155,31 +133,21 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
     if (gc.num_beams or 1) > 1:
         raise ValueError("Block-diffusion generate() does not support beam search (num_beams > 1).")
 
-    def setting(name, default):
-        value = block_kwargs.get(name, getattr(gc, name, None))
-        return default if value is None else value
-
-    block_size = setting("block_size", getattr(model.config, "block_size", None) or 1)
-    verify = setting("verify", None)
+    # a call's settings win over generation_config's (a None given too)
+    configured = DecodeSettings(**{name: getattr(gc, name, None) for name in SETTINGS})
+    asked = replace(configured, **passed).validate()
+    block_size = asked.block_size if asked.block_size is not None else getattr(model.config, "block_size", None) or 1
+    verify = asked.verify
     if verify is None:  # lossless by default where it is faster; threshold decoding when the caller asks for it
-        asked = {name for name in ("threshold", "steps_per_block") if block_kwargs.get(name) is not None}
-        if generation_config is not None:
-            asked |= {name for name in ("threshold", "steps_per_block") if getattr(gc, name, None) is not None}
-        verify = block_size > 1 and not asked and verify_by_default(model)
-    verify = bool(verify)
-    candidates = setting("candidates", None) if verify else 0
-    check_block_settings(block_size, verify, candidates)
-    steps_per_block = block_kwargs.get("steps_per_block", getattr(gc, "steps_per_block", None))
-    threshold = block_kwargs.get("threshold", getattr(gc, "threshold", None))
-    if threshold is None and steps_per_block is None:
+        thresholded = DecodeSettings(**passed).asks_threshold_decoding() or (
+            generation_config is not None and configured.asks_threshold_decoding())  # fmt: skip
+        verify = block_size > 1 and not thresholded and verify_by_default(model)
+    threshold = asked.threshold
+    if threshold is None and asked.steps_per_block is None:
         threshold = DEFAULT_THRESHOLD
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
-    if steps_per_block is not None and (not isinstance(steps_per_block, int) or steps_per_block < 1):
-        raise ValueError(f"steps_per_block must be an integer >= 1, got {steps_per_block!r}.")
-    confidence = setting("confidence", "probability")
-    if confidence not in CONFIDENCE_MEASURES:
-        raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {confidence!r}.")
+    settings = replace(asked, block_size=block_size, verify=verify, candidates=asked.candidates if verify else 0,
+                       threshold=threshold, confidence=asked.confidence or "probability",
+                       repeat_guard=bool(asked.repeat_guard)).validate()  # fmt: skip
 
     max_new_tokens = gc.max_new_tokens
     if max_new_tokens is None:
@@ -200,12 +168,7 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     do_sample = bool(gc.do_sample) and (gc.temperature is None or gc.temperature > 0)
     return DenoisePolicy(
-        verify=verify,
-        candidates=candidates,
-        block_size=block_size,
-        threshold=threshold,
-        steps_per_block=steps_per_block,
-        confidence=confidence,
+        **asdict(settings),
         do_sample=do_sample,
         temperature=gc.temperature or 1.0,
         top_k=gc.top_k if do_sample and gc.top_k else None,
@@ -217,9 +180,6 @@ def resolve_policy(model, prompt_length: int, generation_config, kwargs: dict) -
         mask_token_id=getattr(model.config, "mask_token_id", None),
         return_dict_in_generate=bool(gc.return_dict_in_generate),
         stop_strings=[gc.stop_strings] if isinstance(gc.stop_strings, str) else gc.stop_strings,
-        repeat_guard=bool(setting("repeat_guard", False)),
-        use_cuda_graph=block_kwargs.get("use_cuda_graph", getattr(gc, "use_cuda_graph", None)),
-        compile_step=block_kwargs.get("compile_step", getattr(gc, "compile_step", None)),
     )
 
 
@@ -359,32 +319,43 @@ def generate_blocks(
 
 # One-forward verify on CUDA: candidates per verifying row while the step's query positions stay within this many
 # (rows x block_size x (1 + 2 x candidates): each candidate also has a guessing copy). Measured on an H200 with
-# SmolLM2 (benchmarks/results/engine_verify_*.md): 272-528 positions at batch 1 cost 13% more than one block of
-# 16, but 384 positions at batch 16 cost 2.2x the 128 of block size 1.
+# SmolLM2 (benchmarks/results/engine_verify_h200.md): at batch 1, 496 positions (b=16, 15 candidates) cost 1.36x
+# the one position of block size 1 and give 2.34 tokens per forward.
 QUERY_BUDGET = 512
-# Drafting pays only while a step is bound by reading the weights. Measured on an H200 (SmolLM2-135M +
-# smollm2-bd16, bf16, 40 chat prompts; benchmarks/results/engine_verify_h200.md): at batch 1 one-forward verify
-# is 1.55-1.67x our block size 1, but at batch 16 and 64 every drafted configuration measured (b = 4 / 8 / 16,
-# 0-3 candidates) is 0.53-0.92x of it. From this many rows on, an automatic plan decodes a verifying batch
-# causally: the same tokens (verify reproduces block size 1) at block size 1's speed. Batches 2-15: not measured.
-CAUSAL_ROWS = 16
+# What an automatic verify plan (no ``candidates`` given) decodes with on CUDA, by the batch's rows: for fewer than
+# ``rows``, ``(block size, candidates)``, None meaning as asked / by QUERY_BUDGET; from the last entry's rows on,
+# block size 1 (verify's tokens without drafts). Any plan is lossless: only the speed differs. Measured on an H200
+# (SmolLM2-135M + smollm2-bd16, bf16, 40 chat prompts, 128 tokens; tok/s against our own block size 1):
+#   batch 1: b=8 / 16 with budget candidates 1.55-1.67x (engine_verify_h200.md);
+#   batch 4: b=8 with budget candidates 1.09x, batch 8: 0.83x (verify_crossover.md, before the LM head's strided
+#     input was fixed, which made every plan with candidates slower);
+#   batch 16: b=4 with 1 candidate 1.10x, b=8 with 1 candidate 0.93x (engine_refactor_b16_64.md);
+#   batch 64: b=4 with 1 candidate 0.97x (verify_contiguous.md).
+VERIFY_PLANS = ((5, None, None), (64, 4, 1))
 
 
-def drafting_pays(rows: int, device) -> bool:
-    """Whether verified decoding with drafts beats block size 1 at ``rows`` rows (see :data:`CAUSAL_ROWS`). On a
-    CPU it saves forwards but not time (the quick start: 39 forwards at 14.7 tok/s against 54 at 28.4 for block
-    size 1); it stays on there, where the CLI decodes at block size 1 by default anyway."""
-    return torch.device(device).type != "cuda" or rows < CAUSAL_ROWS
+def verify_plans(device):
+    """:data:`VERIFY_PLANS` where they were measured (CUDA); None elsewhere (verify then decodes as asked)."""
+    return VERIFY_PLANS if torch.device(device).type == "cuda" else None
 
 
 def verify_plan(policy: DenoisePolicy, rows: int, device) -> DenoisePolicy:
-    """What a batch of ``rows`` asked to verify decodes with: ``policy``, or block size 1 without drafts where
-    drafting does not pay (the same tokens, faster). Explicit ``candidates`` keep the drafts."""
-    if policy.verify and policy.candidates is None and not drafting_pays(rows, device):
-        logger.info_once(f"verify: {rows} rows decode at block size 1, which gives verify's tokens faster here "
-                         f"(denoise.CAUSAL_ROWS); pass candidates= to draft anyway.")  # fmt: skip
-        return replace(policy, block_size=1, verify=False, candidates=0)
-    return policy
+    """What a batch of ``rows`` asked to verify decodes with on CUDA (:data:`VERIFY_PLANS`): ``policy``, a smaller
+    block with fewer candidates, or block size 1 without drafts where drafting does not pay (the same tokens,
+    faster). Explicit ``candidates`` keep the policy as asked. On a CPU drafting saves forwards but not time (the
+    quick start: 39 forwards at 14.7 tok/s against 54 at 28.4 for block size 1); it stays on there, where the CLI
+    decodes at block size 1 by default anyway."""
+    plans = verify_plans(device)
+    if not policy.verify or policy.candidates is not None or plans is None:
+        return policy
+    for below, block_size, candidates in plans:
+        if rows < below:
+            if block_size is None or block_size >= policy.block_size:
+                return policy
+            return replace(policy, block_size=block_size, candidates=candidates)
+    logger.info_once(f"verify: {rows} rows decode at block size 1, which gives verify's tokens faster here "
+                     f"(denoise.VERIFY_PLANS); pass candidates= to draft anyway.")  # fmt: skip
+    return replace(policy, block_size=1, verify=False, candidates=0)
 
 
 def verify_candidates(policy: DenoisePolicy, rows: int, device) -> int:

@@ -13,32 +13,52 @@ Hub-portable: imports only torch, transformers and its sibling files.
   ``(rows, block_size)`` serves both; elsewhere the same code runs eagerly.
 - Rows advance independently: a row whose block is done commits while others still denoise, and a row that
   ended idles (or takes a new request, see :meth:`DecodeEngine.add`).
-- A verifying row either drafts its block in one step and verifies it in the next (two forwards per block), or,
-  with candidates, verifies its block and drafts the next one in the same forward (``AHEAD``, one forward per
-  block; docs/design.md 2.6). The step then also carries every row's candidate blocks, in scratch slots.
+- How a row decodes (threshold denoising, two-forward verify, one-forward verify) is its decoding method
+  (:mod:`decoding`): one small class that feeds the step for its rows and updates them after it. With
+  one-forward verify the step also carries every row's candidate blocks, in scratch slots.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache
 from transformers.utils import logging
 
 from .compat import cache_argument
+from .decoding import COMMIT, DENOISE, IDLE, Denoising, DraftVerify, StepInputs, StepOutput, VerifyAhead
 from .masks import decode_meta
 from .noisy_adapter import has_adapter, set_gate
-from .policies import CommitRule, Sampling, check_block_settings, propose, speculative_accept
+from .policies import CommitRule, Sampling, propose
+from .settings import check_block_settings
 
 logger = logging.get_logger(__name__)
 
-IDLE, DENOISE, COMMIT, AHEAD = 0, 1, 2, 3  # AHEAD: one-forward verify (verify this block, draft the next)
-# The packed result of a step, per row: SHOWN (a block's tokens are output), FINISHED (the row ended), LENGTH
-# (tokens output), DRAFTED (a verified block's drafted length: tokens LENGTH..DRAFTED were rejected), then the
-# tokens and the forward that committed each, ``block_size + 1`` of each.
-SHOWN, FINISHED, LENGTH, DRAFTED = range(4)
-EVENT_FIELDS = 4
+
+class StepEvents(NamedTuple):
+    """The packed result of a step for the host, one row per slot (one device-to-host copy per step). On the
+    device each field is a ``(rows, 1)`` tensor unless said; on the host, :meth:`of_row` reads one row's values."""
+
+    shown: torch.Tensor  # 1: a block's tokens are output
+    finished: torch.Tensor  # 1: the row ended
+    length: torch.Tensor  # tokens output
+    drafted: torch.Tensor  # a verified block's drafted length: tokens length .. drafted were rejected
+    tokens: torch.Tensor  # (rows, block_size + 1) the output tokens (then the rejected ones)
+    at: torch.Tensor  # (rows, block_size + 1) the forward that committed each token (-1: not committed)
+
+    def pack(self) -> torch.Tensor:
+        return torch.cat([f if f.dim() == 2 else f.unsqueeze(1) for f in self], dim=1)
+
+    @classmethod
+    def of_row(cls, row: list[int]) -> StepEvents:
+        width = (len(row) - 4) // 2
+        return cls(*row[:4], row[4 : 4 + width], row[4 + width :])
+
+    @staticmethod
+    def size(block_size: int) -> int:
+        return 4 + 2 * (block_size + 1)
 
 
 class SlotCache(Cache):
@@ -155,7 +175,11 @@ class DecodeEngine:
         self.filled = torch.zeros(rows, block_size, dtype=torch.bool, device=device)
         self.length = torch.zeros(rows, **long)  # committed tokens in the cache = the block's first position
         self.block_len = torch.zeros(rows, **long)  # positions of the block in use (0 = idle)
-        self.phase = torch.zeros(rows, **long)  # IDLE / DENOISE / COMMIT
+        self.phase = torch.zeros(rows, **long)  # decoding.IDLE / DENOISE / COMMIT / AHEAD
+        # The decoding methods this engine runs, and each row's (an index into them; docs/design.md 2.5, 2.6).
+        self.methods = (Denoising(),) if block_size == 1 else (
+            Denoising(), DraftVerify(), *([VerifyAhead()] if self.candidates else []))  # fmt: skip
+        self.method = torch.zeros(rows, **long)
         self.row_block_size = torch.ones(rows, **long)
         self.generated = torch.zeros(rows, **long)  # tokens of earlier blocks
         self.max_new = torch.zeros(rows, **long)
@@ -164,13 +188,11 @@ class DecodeEngine:
         self.forwards = torch.zeros(rows, **long)  # forwards each row took part in
         self.committed_at = torch.zeros(rows, block_size, **long)  # the row's forward that committed a position
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that draft, then verify causally
-        self.ahead = torch.zeros(rows, dtype=torch.bool, device=device)  # ... in one forward per block
+        self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows whose block holds drafts
         self.row_candidates = torch.zeros(rows, **long)  # candidates a one-forward-verify row uses (<= candidates)
-        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.proposal = torch.zeros(rows, block_size, **long)
         self.runner_up = torch.zeros(rows, block_size + 1, **long)  # the draft's second choice at each position
-        self.events = torch.zeros(rows, EVENT_FIELDS + 2 * (block_size + 1), **long)
+        self.events = torch.zeros(rows, StepEvents.size(block_size), **long)
         self._table = None  # the last step's events on the host (see committed())
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
         self._sampling = False  # whether any slot samples (a graph is captured for one setting)
@@ -231,174 +253,48 @@ class DecodeEngine:
 
     def _step_body(self):
         """One forward plus everything it decides, as device operations only (no host reads, no data-dependent
-        shapes), so that a single CUDA graph can hold it. Results for the host land in ``self.events``."""
-        active = self.phase != IDLE
-        ahead = self.phase == AHEAD
-        denoising = self.phase == DENOISE
-        ids, candidates = self.block, None
-        if self.candidates:  # every row's block, then its candidates: a block token, then masks (one-forward verify)
-            ahead_ids = self.block.new_full((self.rows, self.groups, self.candidates, self.width), self.mask_token_id)
-            ahead_ids[:, :, :, 0] = self.block[:, None, : self.candidates]
-            if self.groups == 2:
-                ahead_ids[:, 1, :, 1] = self.runner_up[:, 1 : self.candidates + 1]
-            ids = torch.cat([self.block, ahead_ids.flatten(1)], dim=1)
-            candidates = ahead.unsqueeze(1) & (self._index[: self.candidates] < self.row_candidates.unsqueeze(1))
-            candidates = candidates.repeat(1, self.groups)
+        shapes), so that a single CUDA graph can hold it. Each decoding method feeds and updates its own rows;
+        results for the host land in ``self.events``."""
+        mine = [self.method == i for i in range(len(self.methods))]
+        ids, visible = self.block, None
+        if self.candidates:  # the scratch queries: candidate blocks of one-forward-verifying rows, masks elsewhere
+            scratch = self.block.new_full((self.rows, self.queries - self.block_size), self.mask_token_id)
+            ids = torch.cat([self.block, scratch], dim=1)
+            visible = torch.zeros(self.rows, self.groups * self.candidates, dtype=torch.bool, device=self.device)
+        inputs = StepInputs(ids, torch.zeros(self.rows, self.queries, dtype=torch.bool, device=self.device), visible)
+        for method, rows in zip(self.methods, mine):
+            method.feed(self, rows, inputs)
         gate = None
         if self.gate is not None:  # a noisy-scope adapter acts where blocks are denoised, never on a causal position
-            self.gate.copy_(torch.where(self._is_block, denoising.unsqueeze(1), ahead.unsqueeze(1)))
+            self.gate.copy_(inputs.gate)
             gate = self.gate
-        hidden = self._forward(ids, self.length, self.block_len, ~denoising, gate=gate, candidates=candidates)
+        causal = self.phase != DENOISE
+        hidden = self._forward(inputs.ids, self.length, self.block_len, causal, gate=gate, candidates=inputs.visible)
         logits = self.model.logits_from_hidden(hidden[:, : self.block_size])
-        self.forwards += active
+        self.forwards += self.phase != IDLE
         produced = self.generated.unsqueeze(1) + self._index + 1  # the token index each logit predicts
         noise = self.noise[:, : self.block_size] if self._sampling else None
         tokens, conf, dist = propose(logits, self.sampling, self.measure, self.mask_token_id, self.eos,
                                      produced < self.min_new.unsqueeze(1), noise, with_dist=True)  # fmt: skip
         self.proposal.copy_(tokens)
-
-        # Denoising rows: position i predicts i + 1; commit what the rule picks among the open positions.
-        # Verifying rows draft: they fill every open position at once (the commit forward checks the draft).
-        open_ = ~self.filled[:, 1:] & denoising.unsqueeze(1)
-        commit = self.rule.select(conf[:, :-1], tokens[:, :-1], open_, self.steps)
-        commit = torch.where(self.verify.unsqueeze(1), open_, commit & open_)
-        self.block[:, 1:] = torch.where(commit, tokens[:, :-1], self.block[:, 1:])
-        if self._sampling:  # a sampled draft is accepted against the distribution it came from
-            drafted = (commit & self.verify.unsqueeze(1)).unsqueeze(-1)
-            self.draft_dist[:, 1:] = torch.where(drafted, dist[:, :-1], self.draft_dist[:, 1:])
-        self.filled[:, 1:] |= commit
-        self.committed_at[:, 1:] = torch.where(commit, self.forwards.unsqueeze(1), self.committed_at[:, 1:])
-        self.steps += denoising
-        self._close_after_eos()
-        complete = denoising & self.filled.all(dim=1)
-
-        # Committing rows: their block is in the cache now; the last in-block logit is the next first token.
-        # Verifying rows (two-forward: COMMIT; one-forward: AHEAD) keep their block up to the first drafted token
-        # the causal logits reject; the causal token there is the next first token. The rest of the cache is
-        # overwritten later and never a valid key.
-        committing = self.phase == COMMIT
-        verified = committing & self.verify
-        keep, ends, next_first = self._accept(tokens, dist, verified | ahead)
-        report = (self.block.clone(), keep,
-                  torch.where(self._index > 0, self.forwards.unsqueeze(1), self.committed_at),
-                  self.block_len.clone())  # fmt: skip
-        moved = committing | ahead
-        self.length += torch.where(moved, keep, 0)
-        self.generated += torch.where(moved, keep, 0)
-        self.ended |= ends
-        done = verified & (ends | (self.generated >= self.max_new))
-        self._start_block(committing & ~done, next_first)
-        # A block of one position is complete at once (a verifying row's waits for the next step: one event per step)
-        complete |= committing & ~self.verify & self.filled.all(dim=1)
-        self._settle(complete)  # a finished row ends; the others commit in the next forward
-        self.phase.masked_fill_(done, IDLE)
-        shown = complete & (~self.verify | self.finished)  # a verifying row's draft is not output
-        self._record(shown | verified, (self.finished & shown) | done, verified, report)
-        if self.candidates:
-            self._draft_ahead(hidden, ahead, keep, ends, next_first, report)
-
-    def _accept(self, tokens, dist, verifying):
-        """The verifying rows' decision on their drafted block, from the causal ``tokens`` (and ``dist``) of this
-        forward: ``(keep, ends, next_first)``. ``keep``: block tokens kept (the first token plus the longest
-        accepted draft prefix, cut after a kept EOS; other rows: their whole block); ``ends``: a kept EOS;
-        ``next_first``: the causal token after the kept part (sampling rows: the residual draw at a rejection)."""
-        agree = self.block[:, 1:] == tokens[:, :-1]
-        speculative = self._sampling and self.block_size > 1
-        if speculative:
-            accepted, residual = speculative_accept(dist[:, :-1], self.draft_dist[:, 1:], self.block[:, 1:],
-                                                    self.uniform[:, 1:], self.noise[:, : self.block_size - 1])  # fmt: skip
-            agree = torch.where(self.sampling.do_sample.unsqueeze(1), accepted, agree)
-        agree &= self._index[1:] < self.block_len.unsqueeze(1)
-        keep = torch.where(verifying, agree.long().cumprod(dim=1).sum(dim=1) + 1, self.block_len)
-        kept_eos = verifying.unsqueeze(1) & self._eos_at(self._index < keep.unsqueeze(1))
-        ends = kept_eos.any(dim=1)
-        keep = torch.where(ends, torch.where(kept_eos, self._index + 1, self.block_size).min(dim=1).values, keep)
-        at = (keep - 1).clamp(min=0).unsqueeze(1)
-        next_first = tokens.gather(1, at).squeeze(1)
-        if speculative:
-            rejected = verifying & self.sampling.do_sample & (keep < self.block_len)
-            next_first = torch.where(rejected, residual.gather(1, at.clamp(max=self.block_size - 2)).squeeze(1),
-                                     next_first)  # fmt: skip
-        return keep, ends, next_first
-
-    def _draft_ahead(self, hidden, ahead, keep, ends, first, report):
-        """One-forward verify, after the acceptance: each AHEAD row's next block is ``[first, drafts]``, the drafts
-        read from the candidate anchored at the last kept token (docs/design.md 2.6). A row whose accepted prefix
-        had no candidate of its own reads the longest shorter one further along. A row also ends here when
-        ``first`` is its last token (an EOS, or the last of its budget): it is output now, without a forward."""
-        b, w = self.block_size, self.width
-        left = self.max_new - self.generated  # after this step's kept tokens
-        stop = torch.isin(first, self.eos) & (self.generated >= self.min_new)  # (propose forbids it before)
-        last = ahead & ~ends & (left > 0) & (stop | (left == 1))  # ``first`` is the row's last token
-        done = ahead & (ends | (left <= 0) | last)
-        cand = torch.minimum(keep, self.row_candidates).clamp(min=1) - 1  # candidate c is anchored at block token c
-        offset = keep - 1 - cand
-        count = torch.minimum(torch.minimum(self.row_block_size - 1, w - 1 - offset), left - 1).clamp(min=0)
-        count = torch.where(self.row_candidates > 0, count, 0)
-        if self.groups == 2:  # the guessing copy, where it guessed the causal token after a rejected draft
-            guessed = (
-                (offset == 0)
-                & (keep < self.block_len)
-                & (self.runner_up.gather(1, keep.unsqueeze(1)).squeeze(1) == first)
-            )
-            cand = cand + guessed * self.candidates
-        where = (b + cand * w + offset + 1).unsqueeze(1) + self._index[:-1]  # candidate position j predicts j + 1
-        picked = hidden.gather(1, where.clamp(max=self.queries - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        produced = (self.generated + 1).unsqueeze(1) + self._index[:-1]  # token index of the new block's drafts
-        noise = self.noise[:, b:] if self._sampling else None
-        drafts, _, dist = propose(self.model.logits_from_hidden(picked), self.sampling, self.measure,
-                                  self.mask_token_id, self.eos, produced < self.min_new.unsqueeze(1), noise,
-                                  with_dist=True)  # fmt: skip
-        go_on = ahead & ~done
-        use = self._index[:-1] < count.unsqueeze(1)
-        block = torch.cat([first.unsqueeze(1), torch.where(use, drafts, self.pad_token_id)], dim=1)
-        self.block.copy_(torch.where(go_on.unsqueeze(1), block, self.block))
-        if self._sampling:
-            self.draft_dist[:, 1:] = torch.where(
-                (go_on.unsqueeze(1) & use).unsqueeze(-1), dist, self.draft_dist[:, 1:]
-            )
-        if self.groups == 2:
-            self.runner_up[:, 1:-1] = torch.where(go_on.unsqueeze(1), dist.topk(2, dim=-1).indices[..., 1],
-                                                  self.runner_up[:, 1:-1])  # fmt: skip
-            self.runner_up[:, -1] = self.mask_token_id  # (after the block: no guess)
-        at = torch.where(self._index == 0, self.forwards.unsqueeze(1), -1)
-        self.committed_at.copy_(torch.where(go_on.unsqueeze(1), at, self.committed_at))
-        self.block_len.copy_(torch.where(go_on, 1 + count, torch.where(done, 0, self.block_len)))
-        self.filled.masked_fill_(go_on.unsqueeze(1), True)  # a draft fills its positions (the check is next step)
-        self.phase.masked_fill_(done, IDLE)
-        # The host sees the kept tokens (and ``first`` where it is the last); the rest of the draft was rejected.
-        tokens, kept, at, drafted = report
-        end = keep.unsqueeze(1)
-        tokens = torch.nn.functional.pad(tokens, (0, 1), value=self.pad_token_id)
-        tokens = torch.where(last.unsqueeze(1), tokens.scatter(1, end, first.unsqueeze(1)), tokens)
-        at = torch.nn.functional.pad(at, (0, 1), value=-1).scatter(1, end, self.forwards.unsqueeze(1))
-        self._record_rows(ahead, ahead, done, kept + last, tokens, at, drafted)
+        out = StepOutput(hidden, tokens, conf, dist)
+        for method, rows in zip(self.methods, mine):
+            method.update(self, rows, out)
 
     def _settle(self, complete):
-        """Rows whose block just completed: finished (EOS, budget) ones go idle, the others commit next."""
+        """Rows whose block just completed: finished (EOS, budget) ones go idle, the others commit next. Returns
+        the finished rows."""
         finished = complete & (self.ended | (self.generated + self.block_len >= self.max_new))
         finished &= ~self.verify | (self.block_len <= 1)  # a verified block may keep fewer tokens than drafted
         self.phase.copy_(torch.where(finished, IDLE, torch.where(complete, COMMIT, self.phase)))
-        self.finished.copy_(finished)
-
-    def _record(self, shown, finished, verified=None, report=None):
-        """Pack what the host needs into ``events`` (see :data:`EVENT_FIELDS`). Rows in ``verified`` report
-        ``report`` (tokens, length, committed_at, drafted) instead of their current block: their tokens past
-        ``length`` up to ``drafted`` are the rejected part of the draft."""
-        tokens, length, at, drafted = self.block, self.block_len, self.committed_at, self.block_len
-        if verified is not None:
-            pick = verified.unsqueeze(1)
-            tokens, length, at, drafted = (torch.where(pick, report[0], tokens), torch.where(verified, report[1], length),
-                                           torch.where(pick, report[2], at), torch.where(verified, report[3], drafted))  # fmt: skip
-        self._record_rows(None, shown, finished, length, tokens, at, drafted)
+        return finished
 
     def _record_rows(self, rows, shown, finished, length, tokens, at, drafted):
-        """Write the event fields of ``rows`` (a bool mask; None: all rows). ``tokens`` / ``at`` may be one
-        position wider than a block (a one-forward-verify row's last token comes after its whole block)."""
+        """Write the events of ``rows`` (a bool mask; None: all rows). ``tokens`` / ``at`` may be one position
+        wider than a block (a one-forward-verify row's last token comes after its whole block)."""
         width = self.block_size + 1
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        fields = torch.cat([torch.stack([shown.long(), finished.long(), length, drafted], dim=1), pad(tokens),
-                            pad(at)], dim=1)  # fmt: skip
+        fields = StepEvents(shown.long(), finished.long(), length, drafted, pad(tokens), pad(at)).pack()
         self.events.copy_(fields if rows is None else torch.where(rows.unsqueeze(1), fields, self.events))
 
     def _run_step(self):
@@ -440,7 +336,7 @@ class DecodeEngine:
             self._use_graph, self._graph = False, None
 
     _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
-              "ended", "finished", "draft_dist", "runner_up")  # fmt: skip
+              "ended", "draft_dist", "runner_up")  # fmt: skip
 
     def _state(self):
         return {name: getattr(self, name).clone() for name in self._STATE if getattr(self, name) is not None}
@@ -511,10 +407,12 @@ class DecodeEngine:
         self.row_block_size[rows] = torch.tensor(block_sizes, device=dev)
         self.forwards[rows] = 1
         self.ended[rows] = False
-        self.verify[rows] = torch.tensor([bool(v) for v in verify], device=dev)
-        ahead = [bool(v) and c > 0 for v, c in zip(verify, candidates)]
-        self.ahead[rows] = torch.tensor(ahead, device=dev)
-        self.row_candidates[rows] = torch.tensor([c if a else 0 for c, a in zip(candidates, ahead)], device=dev)
+        kinds = [VerifyAhead if v and c > 0 else DraftVerify if v else Denoising for v, c in zip(verify, candidates)]
+        self.method[rows] = torch.tensor([self._method_index(kind) for kind in kinds], device=dev)
+        self.verify[rows] = torch.tensor([kind.drafts for kind in kinds], device=dev)
+        self.row_candidates[rows] = torch.tensor(
+            [c if kind is VerifyAhead else 0 for c, kind in zip(candidates, kinds)], device=dev
+        )
         noise = None
         if self._sampling:
             noise = torch.ones(n, 1, last.shape[-1], device=dev)
@@ -528,15 +426,20 @@ class DecodeEngine:
         starting[rows] = True
         firsts = torch.zeros(self.rows, dtype=torch.long, device=dev)
         firsts[rows] = first[:, 0]
-        ahead = starting & self.ahead  # one-forward verify: the first block is the first token, verified next step
-        self._start_block(starting, firsts, size=torch.where(ahead, 1, self.row_block_size))
-        self.finished.zero_()
-        complete = starting & self.filled.all(dim=1)
-        self._settle(complete)
-        self.phase.copy_(torch.where(ahead & ~self.finished, AHEAD, self.phase))
-        shown = complete & (~ahead | self.finished)
-        self._record(shown, self.finished & shown)
+        shown, finished = torch.zeros_like(starting), torch.zeros_like(starting)
+        for i, method in enumerate(self.methods):
+            row_shown, row_finished = method.start(self, starting & (self.method == i), firsts)
+            shown |= row_shown
+            finished |= row_finished
+        self._record_rows(None, shown, finished & shown, self.block_len, self.block, self.committed_at, self.block_len)
         return self._events()
+
+    def _method_index(self, kind: type) -> int:
+        for i, method in enumerate(self.methods):
+            if type(method) is kind:
+                return i
+        raise ValueError(f"This engine does not run {kind.__name__} (block size {self.block_size}, "
+                         f"{self.candidates} candidates).")  # fmt: skip
 
     def _set_sampling(self, sampling: bool):
         """Sampling needs a noise buffer and a graph that reads it; greedy decoding needs neither."""
@@ -577,27 +480,28 @@ class DecodeEngine:
         self.block_len.copy_(torch.where(rows, size, self.block_len))
         self.steps.masked_fill_(rows, 0)
         self.phase.masked_fill_(rows, DENOISE)
-        self._close_after_eos()
+        self._close_after_eos(rows)
 
     def _eos_at(self, where: torch.Tensor) -> torch.Tensor:
         """Filled block positions in ``where`` that hold an EOS the row may stop at (``min_new_tokens``)."""
         produced = self.generated.unsqueeze(1) + self._index  # the token index of every block position
         return where & self.filled & torch.isin(self.block, self.eos) & (produced >= self.min_new.unsqueeze(1))
 
-    def _close_after_eos(self):
-        """Positions after a committed EOS are padding: they leave the block (and are no keys for the rest).
-        A verifying row's drafted tokens are not committed yet: only its first token counts."""
+    def _close_after_eos(self, rows: torch.Tensor):
+        """Positions after a committed EOS in the denoising ``rows`` are padding: they leave the block (and are no
+        keys for the rest). A verifying row's drafted tokens are not committed yet: only its first token counts."""
         if not self.eos.numel():
             return
         is_eos = self._eos_at(
             (self._index < self.block_len.unsqueeze(1)) & (~self.verify.unsqueeze(1) | (self._index == 0))
         )
         kept = torch.where(is_eos, self._index + 1, self.block_size).min(dim=1).values
-        hit = is_eos.any(dim=1) & (self.phase == DENOISE)
+        denoising = rows & (self.phase == DENOISE)
+        hit = is_eos.any(dim=1) & denoising
         self.block_len.copy_(torch.where(hit, torch.minimum(self.block_len, kept), self.block_len))
         self.ended |= hit
-        beyond = self._index >= self.block_len.unsqueeze(1)
-        self.block.masked_fill_(beyond & (self.phase == DENOISE).unsqueeze(1), self.pad_token_id)
+        beyond = (self._index >= self.block_len.unsqueeze(1)) & rows.unsqueeze(1)
+        self.block.masked_fill_(beyond & denoising.unsqueeze(1), self.pad_token_id)
         self.filled |= beyond
 
     # -- one step ------------------------------------------------------------------------------------------
@@ -613,17 +517,20 @@ class DecodeEngine:
 
     def _events(self):
         """Read the step's packed results (the one device-to-host copy of a step) and do the host bookkeeping."""
-        events, width = [], self.block_size + 1
-        table = self._table = self.events.cpu()
-        for r in table[:, SHOWN].nonzero().squeeze(1).tolist():
-            row = table[r]
-            size, drafted, done = int(row[LENGTH]), int(row[DRAFTED]), bool(row[FINISHED])
-            tokens, at = row[EVENT_FIELDS : EVENT_FIELDS + width], row[EVENT_FIELDS + width :]
-            new, when = tokens[:size].tolist(), at[:size].tolist()
+        events = []
+        # Python lists, once: indexing a tensor per row costs microseconds each, which at batch 64 with a block of
+        # one token (every row shows every step) left the GPU idle for a large part of the step.
+        table = self._table = self.events.cpu().tolist()
+        for r, values in enumerate(table):
+            if not values[0]:
+                continue
+            row = StepEvents.of_row(values)
+            size, drafted, done, tokens = row.length, row.drafted, bool(row.finished), row.tokens
+            new, when = tokens[:size], row.at[:size]
             slot = self.slots[r]
             slot.block_starts.append(len(slot.tokens))
             if drafted > size and not done:  # (after the row's end nothing was rejected: the draft was just unused)
-                slot.rejected.append((len(slot.tokens) + size, tokens[size:drafted].tolist()))
+                slot.rejected.append((len(slot.tokens) + size, tokens[size:drafted]))
             slot.tokens += new
             if done:
                 slot.busy = False
@@ -636,10 +543,10 @@ class DecodeEngine:
         reported it) and for a verifying row (its drafts are not committed)."""
         if self._table is None or self.slots[slot].verify:
             return []
-        row, width = self._table[slot], self.block_size + 1
-        at = row[EVENT_FIELDS + width : EVENT_FIELDS + width + int(row[LENGTH])]
-        still_open = (at < 0).nonzero()  # uncommitted positions have no committing forward
-        return row[EVENT_FIELDS : EVENT_FIELDS + int(still_open[0])].tolist() if len(still_open) else []
+        row = StepEvents.of_row(self._table[slot])
+        at = row.at[: row.length]
+        still_open = [i for i, forward in enumerate(at) if forward < 0]  # uncommitted: no committing forward
+        return row.tokens[: still_open[0]] if still_open else []
 
     def draft(self, slot: int) -> torch.Tensor:
         """A slot's active block as the last step saw it: committed tokens, the latest proposal elsewhere."""

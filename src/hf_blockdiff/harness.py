@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .denoise import BLOCK_SETTINGS, DECODING_SETTINGS
 from .modeling_blockdiff import block_diffusion_class
+from .settings import DECODING, SETTINGS, DecodeSettings
 
 TASKS_DIR = Path(__file__).resolve().with_name("harness_tasks")
 INSTALL_HINT = "pip install 'hf_blockdiff[eval]'"
@@ -123,7 +123,8 @@ class BlockDiffusionLM(HFLM):
 
     def __init__(self, pretrained, **kwargs):
         global LAST_MODEL
-        self.block_settings = {k: kwargs.pop(k) for k in BLOCK_SETTINGS if k in kwargs}
+        self.block_settings = {k: kwargs.pop(k) for k in SETTINGS if k in kwargs}
+        DecodeSettings(**self.block_settings).validate()  # before the model loads
         super().__init__(pretrained, **kwargs)
         if not is_converted(self.model.config) or not type(self.model).__name__.startswith("BlockDiffusion"):
             raise ValueError(
@@ -213,11 +214,11 @@ class BlockDiffusionLM(HFLM):
         counts["row_forwards"] += int(out.row_forward_passes.sum())
         counts["batch_forwards"] += int(out.num_forward_passes)
         gc = self.model.generation_config
-        settings = {"block_size": out.block_size}
-        for name in DECODING_SETTINGS:
+        settings = {"block_size": out.block_size}  # the one decoded with (verify_plan may choose 1)
+        for name in DECODING:
             value = kwargs.get(name, getattr(gc, name, None))
             if value is not None:
-                settings[name] = value
+                settings.setdefault(name, value)
         if settings not in self._settings:
             self._settings.append(settings)
 

@@ -20,7 +20,9 @@ PORTABLE_FILES = (
     "masks.py",
     "denoise.py",
     "engine.py",
+    "decoding.py",
     "policies.py",
+    "settings.py",
     "noisy_adapter.py",
     "compat.py",
 )

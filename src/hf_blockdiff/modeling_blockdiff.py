@@ -18,23 +18,56 @@ module is ever imported. The conformance tests then say whether it really honour
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .compat import cache_argument, pop_cache
 from .denoise import generate_blocks
 from .masks import IGNORE_INDEX, block_grid, positions_from_padding, render_masks, training_meta
 from .noisy_adapter import attach, has_adapter, set_gate
 
+logger = logging.get_logger(__name__)
+
 # Rows of hidden states turned into logits at once in the loss; bounds the (rows x vocab) activation memory.
 LOSS_CHUNK_ROWS = 4096
+# How the two-stream losses are computed (`fused_loss`): 'liger' = liger-kernel's fused linear cross-entropy (never
+# builds the rows x vocab logits), 'none' = the chunked PyTorch path, 'auto' = liger where it can run, else chunked.
+FUSED_LOSS_CHOICES = ("auto", "liger", "none")
+# Devices the fused kernel runs on (Triton). Tests add "cpu" together with a pure-torch stand-in of the kernel.
+FUSED_LOSS_DEVICES = ("cuda",)
+# From 0.8.2 on, reduction="none" gets per-token gradients right (earlier releases scale every row by the first).
+LIGER_MIN_VERSION = (0, 8, 2)
+
 # The linear layers a noisy-scope adapter adapts by default (attention and MLP projections of the supported archs).
 NOISY_ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                          "gate_up_proj")  # fmt: skip
+
+_liger = []  # the fused kernel once looked up: [function] or [None]
+_LOGGED: set[str] = set()  # reasons for the chunked path already logged
+
+
+def _liger_cross_entropy():
+    """liger-kernel's ``liger_fused_linear_cross_entropy``, or None where it is not installed, too old or does not
+    import (no triton). Optional: this file loads from the Hub where only torch and transformers exist."""
+    if not _liger:
+        function = None
+        try:
+            version = importlib.metadata.version("liger-kernel")
+            if tuple(int(part) for part in re.findall(r"\d+", version)[:3]) < LIGER_MIN_VERSION:
+                raise ImportError(f"version {version} is older than {'.'.join(map(str, LIGER_MIN_VERSION))}")
+            functional = importlib.import_module("liger_kernel.transformers.functional")
+            function = functional.liger_fused_linear_cross_entropy
+        except Exception as error:  # not installed, too old, or its triton kernels fail to import on this machine
+            logger.info(f"liger-kernel is not used: {type(error).__name__}: {error}")
+        _liger.append(function)
+    return _liger[0]
 
 
 @dataclass
@@ -106,7 +139,10 @@ class BlockDiffusionMixin:
 
     def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The head as the stock forward applies it. Override for heads with extra scaling."""
-        logits = self.lm_head(hidden_states)
+        # A strided slice (a block of a wider decode step) would run as a batched GEMM that cuBLAS serves with a
+        # slow non-tensor-core kernel: 1.8 ms of a 5.3 ms step at batch 16 on an H200
+        # (benchmarks/results/profile_engine_smollm2_adapter_b16_c1_strided_head.md). One small copy avoids it.
+        logits = self.lm_head(hidden_states.contiguous())
         softcap = getattr(self.config.get_text_config(decoder=True), "final_logit_softcapping", None)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
@@ -126,6 +162,7 @@ class BlockDiffusionMixin:
         ar_loss_weight: float = 0.5,
         diffusion_loss_weights: torch.Tensor | None = None,
         certainty_loss_weight: float = 0.0,
+        fused_loss: str = "auto",
         **kwargs,
     ):
         r"""
@@ -147,6 +184,11 @@ class BlockDiffusionMixin:
         certainty_loss_weight (``float``): weight of a certainty-forcing term (dParallel, arXiv 2509.26488): the
             mean entropy of the predictions at masked positions the model already gets right. Pushing it down
             makes the model confident where it is correct, which is what lets it commit several tokens at once.
+        fused_loss (``str``): ``'auto'`` (default) computes the cross-entropies with liger-kernel's fused linear
+            cross-entropy where it can run (liger-kernel installed, CUDA, a plain linear head without logit
+            softcapping), else in memory-bounded chunks of float32 logits; ``'liger'`` requires the fused kernel,
+            ``'none'`` never uses it. Both give the same losses up to float rounding (``fused_loss_backend``).
+            With ``ar_loss_weight=0`` the AR loss is computed without gradient: it is only reported.
         """
         cache = pop_cache(kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
         if noisy_input_ids is None:
@@ -164,11 +206,14 @@ class BlockDiffusionMixin:
             )
         if inputs_embeds is not None or cache is not None:
             raise ValueError("The two-stream training forward takes `input_ids`, not `inputs_embeds` or a cache.")
+        if fused_loss not in FUSED_LOSS_CHOICES:
+            raise ValueError(f"fused_loss must be one of {FUSED_LOSS_CHOICES}, got {fused_loss!r}.")
         for ignored in ("num_items_in_batch", "use_cache", "logits_to_keep"):  # losses are per-forward means
             kwargs.pop(ignored, None)
         return self._two_stream_forward(
             input_ids, noisy_input_ids, attention_mask, position_ids, labels,
-            self._block_size(block_size), ar_loss_weight, diffusion_loss_weights, certainty_loss_weight, **kwargs,
+            self._block_size(block_size), ar_loss_weight, diffusion_loss_weights, certainty_loss_weight, fused_loss,
+            **kwargs,
         )  # fmt: skip
 
     def two_stream_hidden_states(self, clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs):
@@ -193,7 +238,7 @@ class BlockDiffusionMixin:
 
     def _two_stream_forward(
         self, clean, noisy, attention_mask, position_ids, labels, block_size, ar_loss_weight, weights,
-        certainty_weight=0.0, **kwargs,
+        certainty_weight=0.0, fused_loss="auto", **kwargs,
     ) -> BlockDiffusionOutput:  # fmt: skip
         if noisy.dim() == 2:
             noisy = noisy.unsqueeze(1)
@@ -214,34 +259,39 @@ class BlockDiffusionMixin:
         hidden, offsets = self.two_stream_hidden_states(
             clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs
         )
-        hidden = hidden[:, :, :-1]  # position j-1 predicts token j
-
-        targets = labels[:, 1:]
+        streams = copies + 1
+        targets = labels[:, 1:]  # position j-1 predicts token j
         # A target is predicted from the position before it; a padding position predicts nothing.
         supervised = (targets != IGNORE_INDEX) & attention_mask[:, :-1].bool()
         # A block-first token is an AR step (predicted from the previous block): never a diffusion target.
         maskable = supervised & (offsets[:, 1:] > 0)
         masked = (noisy[:, :, 1:] == self.mask_token_id) & maskable.unsqueeze(1)
-        ar_hidden, ar_targets = hidden[:, copies][supervised], targets[supervised]
-        diff_hidden = hidden[:, :copies][masked]
-        diff_targets = targets.unsqueeze(1).expand(-1, copies, -1)[masked]
 
-        num_diff = diff_targets.numel()
-        nll, certainty, correct = self._token_nll(
-            torch.cat([diff_hidden, ar_hidden]),
-            torch.cat([diff_targets, ar_targets]),
-            num_diff if certainty_weight else 0,
-        )
-        diff_nll, ar_nll = nll[:num_diff], nll[num_diff:]
+        # The scored rows are gathered by index, one `nonzero` (one host sync) per group, where boolean indexing
+        # would sync once per tensor indexed. Rows are (batch, stream, position) flattened, the last stream clean.
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        row_targets = F.pad(targets, (0, 1), value=IGNORE_INDEX).unsqueeze(1).expand(-1, streams, -1).reshape(-1)
+        pick = masked.new_zeros(batch, streams, length)
+        pick[:, :copies, :-1] = masked
+        diff_index = pick.view(-1).nonzero().squeeze(1)
+        pick = masked.new_zeros(batch, streams, length)
+        pick[:, copies, :-1] = supervised
+        ar_index = pick.view(-1).nonzero().squeeze(1)
+        diff_weights = None
         if weights is not None:
-            diff_nll = diff_nll * weights[:, :, 1:][masked].to(diff_nll.dtype)
+            diff_weights = F.pad(weights[:, :, 1:], (0, 1, 0, 1)).reshape(-1)[diff_index]
+
+        diff_sum, ar_sum, entropy_sum, num_correct = self._loss_sums(
+            rows[diff_index], row_targets[diff_index], diff_weights, rows[ar_index], row_targets[ar_index],
+            certainty_weight, ar_loss_weight != 0, fused_loss,
+        )  # fmt: skip
         num_masked, num_ar = masked.sum(), supervised.sum()
-        diffusion_loss = diff_nll.sum() / num_masked.clamp(min=1)
-        ar_loss = ar_nll.sum() / num_ar.clamp(min=1)
+        diffusion_loss = diff_sum / num_masked.clamp(min=1)
+        ar_loss = ar_sum / num_ar.clamp(min=1)
         loss = diffusion_loss + ar_loss_weight * ar_loss
         certainty_loss = None
         if certainty_weight:
-            certainty_loss = certainty.sum() / correct.sum().clamp(min=1)
+            certainty_loss = entropy_sum / num_correct.clamp(min=1)
             loss = loss + certainty_weight * certainty_loss
         return BlockDiffusionOutput(
             loss=loss,
@@ -252,13 +302,132 @@ class BlockDiffusionMixin:
             num_ar_tokens=num_ar,
         )
 
+    def _loss_sums(self, diff_hidden, diff_targets, diff_weights, ar_hidden, ar_targets, certainty_weight, ar_grad,
+                   fused_loss):  # fmt: skip
+        """Summed (weighted) diffusion and AR cross-entropies of the gathered rows, and for certainty forcing the
+        summed entropy where the argmax is right and the count of those rows (``None`` without it)."""
+        num_diff = diff_targets.numel()
+        certainty_rows = num_diff if certainty_weight else 0
+        backend = self.fused_loss_backend(fused_loss, diff_hidden)
+        if backend is None:  # the chunked path, one pass over both groups as it always was
+            if ar_grad:
+                nll, entropy, correct = self._token_nll(
+                    torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]), certainty_rows
+                )
+                diff_nll, ar_nll = nll[:num_diff], nll[num_diff:]
+            else:
+                diff_nll, entropy, correct = self._token_nll(diff_hidden, diff_targets, certainty_rows)
+                with torch.no_grad():  # only reported: no logits kept for a backward that cannot reach them
+                    ar_nll = self._token_nll(ar_hidden, ar_targets)[0]
+            if diff_weights is not None:
+                diff_nll = diff_nll * diff_weights.to(diff_nll.dtype)
+            return diff_nll.sum(), ar_nll.sum(), entropy.sum(), correct.sum()
+
+        entropy_sum = num_correct = None
+        # Certainty forcing needs the log-probabilities of the diffusion rows: those stay on the chunked path.
+        if certainty_weight or not num_diff:
+            diff_nll, entropy, correct = self._token_nll(diff_hidden, diff_targets, certainty_rows)
+            if diff_weights is not None:
+                diff_nll = diff_nll * diff_weights.to(diff_nll.dtype)
+            diff_sum, entropy_sum, num_correct = diff_nll.sum(), entropy.sum(), correct.sum()
+        elif diff_weights is not None:  # per-token weights: per-token losses (the kernel recomputes in backward)
+            diff_sum = (self._fused_nll(diff_hidden, diff_targets, "none") * diff_weights.float()).sum()
+        else:  # a plain sum: the kernel computes the gradient in the forward, no recomputation
+            diff_sum = self._fused_nll(diff_hidden, diff_targets, "sum")
+        if not ar_targets.numel():
+            ar_sum = self._token_nll(ar_hidden, ar_targets)[0].sum()  # an empty sum that stays in the graph
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and ar_grad):
+                ar_sum = self._fused_nll(ar_hidden, ar_targets, "sum")
+        return diff_sum, ar_sum, entropy_sum, num_correct
+
+    # -- fused loss ------------------------------------------------------------------------------------
+    def fused_loss_backend(self, fused_loss: str, hidden: torch.Tensor) -> str | None:
+        """``'liger'`` when the fused kernel computes the losses of rows like ``hidden``, ``None`` for the chunked
+        path. ``'liger'`` asked for but unusable is an error naming the reason; under ``'auto'`` it is logged once."""
+        if fused_loss == "none":
+            return None
+        reason = self._fused_loss_obstacle(hidden)
+        if reason is None:
+            return "liger"
+        if fused_loss == "liger":
+            raise ValueError(f"fused_loss='liger' cannot be used: {reason}. Use fused_loss='auto' or 'none'.")
+        if hidden.device.type in FUSED_LOSS_DEVICES and reason not in _LOGGED:
+            _LOGGED.add(reason)
+            logger.info(f"The two-stream losses use the chunked path, not liger-kernel: {reason}.")
+        return None
+
+    def _fused_loss_obstacle(self, hidden: torch.Tensor) -> str | None:
+        """Why the fused kernel cannot compute these losses exactly as the chunked path does, or None."""
+        if hidden.device.type not in FUSED_LOSS_DEVICES:
+            return f"it runs on {' / '.join(FUSED_LOSS_DEVICES)}, the model is on {hidden.device.type}"
+        if _liger_cross_entropy() is None:
+            return f"liger-kernel>={'.'.join(map(str, LIGER_MIN_VERSION))} (with triton) is not importable"
+        if type(self).logits_from_hidden is not BlockDiffusionMixin.logits_from_hidden:
+            return f"{type(self).__name__} overrides logits_from_hidden"
+        if getattr(self.config.get_text_config(decoder=True), "final_logit_softcapping", None) is not None:
+            return "the model softcaps its logits"
+        head = self._head_weights()
+        if head is None:
+            return f"the LM head ({type(self.get_output_embeddings()).__name__}) is not a plain linear layer"
+        weight, _ = head
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or not 0 <= self.mask_token_id < weight.shape[0]:
+            return "the LM head's weight is not materialised here (sharded or offloaded)"
+        if torch.is_grad_enabled() and weight.requires_grad and not hidden.requires_grad:
+            return "the kernel computes no weight gradient for inputs without gradient"
+        return None
+
+    def _head_weights(self):
+        """``(weight, bias)`` of the LM head where it is a plain linear map (PEFT trainable-token rows merged in),
+        else None: other wrappers (quantised, LoRA on the head, sharded tensors) keep the chunked path."""
+        head = self.get_output_embeddings()
+        base = getattr(getattr(head, "token_adapter", None), "base_layer", None)
+        if type(head) is torch.nn.Linear:
+            weight, bias = head.weight, head.bias
+        elif type(head).__name__ == "TrainableTokensWrapper" and type(base) is torch.nn.Linear and base.bias is None:
+            # PEFT's trainable token rows (the mask row under LoRA, tied embeddings): `weight` is the merged
+            # matrix its forward applies.
+            weight, bias = head.weight, None
+        else:
+            return None
+        if not all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in (weight, bias)):
+            return None
+        return weight, bias
+
+    def _fused_nll(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of ``hidden @ head.T`` by liger-kernel: summed (``'sum'``) or per row (``'none'``), float32."""
+        weight, bias = self._head_weights()
+        if not torch.is_grad_enabled():  # the kernel computes gradients whenever its inputs require them
+            hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+        mask_id = self.mask_token_id
+        # The chunked path gives the mask column -inf; here its row leaves the head (a view when it is the last),
+        # so the softmax runs over the same classes and the ones after it move down by one.
+        if mask_id == weight.shape[0] - 1:
+            weight, bias = weight[:-1], None if bias is None else bias[:-1]
+        else:
+            weight = torch.cat([weight[:mask_id], weight[mask_id + 1 :]])
+            bias = None if bias is None else torch.cat([bias[:mask_id], bias[mask_id + 1 :]])
+        is_mask = targets == mask_id  # probability 0 in the chunked path; out of range for the kernel
+        targets = (targets - (targets > mask_id).long()).masked_fill(is_mask, IGNORE_INDEX)
+        # One cast of the head to the compute dtype, as autocast would do per chunk inside the kernel; the weight
+        # gradient is accumulated in float32 and rounded once.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        nll = _liger_cross_entropy()(
+            hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
+            ignore_index=IGNORE_INDEX, reduction=reduction, accum_dtype=torch.float32,
+        )  # fmt: skip
+        infinite = torch.where(is_mask, float("inf"), 0.0)
+        return nll + (infinite if reduction == "none" else infinite.sum())
+
     def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor, certainty_rows: int = 0):
         """Per-token cross-entropy (float32) of selected rows only, in chunks that recompute in backward to bound
         the (rows x vocab) memory. For the first ``certainty_rows`` rows also the prediction entropy where the
         argmax is the target (and that mask); empty tensors otherwise."""
         # The mask token is never a target and never decoded: leaving it out of the softmax keeps the AR loss
-        # exactly the source model's (its row is new) and spends no probability mass on it.
-        mask_column = torch.tensor([self.mask_token_id], device=hidden.device)
+        # exactly the source model's (its row is new) and spends no probability mass on it. Built on the device:
+        # a tensor copied from the host would wait for the GPU.
+        mask_column = torch.full((1,), self.mask_token_id, device=hidden.device)
 
         def chunk(h, y, n_certainty):
             logits = self.logits_from_hidden(h).float().index_fill(1, mask_column, float("-inf"))

@@ -27,7 +27,11 @@ class NoisyBatch:
     @property
     def masked_fraction(self) -> float:
         """Share of maskable positions masked in the first copy (tracks E[t] = (1 + eps) / 2)."""
-        return float(self.masked.sum() / self.maskable.sum().clamp(min=1))
+        return float(self.masked_share())
+
+    def masked_share(self) -> torch.Tensor:
+        """``masked_fraction`` as a tensor on the batch's device: reading it needs no wait for the GPU."""
+        return self.masked.sum() / self.maskable.sum().clamp(min=1)
 
 
 class NoiseSampler:
@@ -51,11 +55,12 @@ class NoiseSampler:
         blocks, offsets = block_grid(block_size, attention_mask, labels)
         maskable = (offsets > 0) & (labels != IGNORE_INDEX) & attention_mask.bool()
 
-        batch = input_ids.shape[0]
-        num_blocks = int(blocks.max().clamp(min=0)) + 1
+        batch, length = input_ids.shape
         high = 1.0 - self.eps if self.complementary else 1.0  # the complementary copy has level 1 - t
+        # One level per possible block (ids are < length): sizing by the batch's block count would read it off the
+        # GPU, a host sync on every training step.
         t_blocks = self.eps + (high - self.eps) * torch.rand(
-            batch, num_blocks, device=input_ids.device, generator=generator
+            batch, length, device=input_ids.device, generator=generator
         )
         t = torch.where(offsets >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)  # context: 0
         masked = maskable & (torch.rand(t.shape, device=t.device, generator=generator) < t)

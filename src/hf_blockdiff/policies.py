@@ -1,7 +1,7 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
 """How a denoising step chooses tokens and which of them it commits: small pieces the decode engine plugs in.
 
-Hub-portable: imports only torch.
+Hub-portable: imports only torch and its sibling files.
 
 Everything works on whole batches of slots at once, and every per-request setting is a per-row tensor, so one
 forward can serve rows with different thresholds, temperatures or block sizes.
@@ -21,36 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-CONFIDENCE_MEASURES = ("probability", "margin", "entropy")
-
-
-def check_block_settings(block_size, verify: bool = False, candidates=None, largest: int | None = None,
-                         most_candidates: int | None = None, where: str = "the model's"):  # fmt: skip
-    """The one check of a request's block settings, for ``generate()``, the engine and the scheduler (so the
-    server and the CLI): a ValueError that says what to change. ``largest`` / ``most_candidates``: what ``where``
-    (the engine, a server) holds; ``candidates`` None: chosen by the batch."""
-    if (
-        not isinstance(block_size, int)
-        or isinstance(block_size, bool)
-        or not 1 <= block_size <= (largest or block_size)
-    ):
-        upto = f" and at most {where} {largest}" if largest else ""
-        raise ValueError(f"block_size must be an integer >= 1{upto}, got {block_size!r}.")
-    if verify and block_size < 2:
-        raise ValueError(
-            f"verify=True drafts whole blocks and keeps what the causal model accepts: it needs block_size >= 2 "
-            f"(got {block_size}; block_size=1 is already the AR decoding verify reproduces)."
-        )
-    most = block_size if most_candidates is None else min(block_size, most_candidates)
-    if verify and candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool)
-                                              or not 0 <= candidates <= most):  # fmt: skip
-        limit = f"{where} {most_candidates}" if most_candidates is not None and most_candidates < block_size else (
-            f"block_size ({block_size})")  # fmt: skip
-        raise ValueError(
-            f"candidates must be an integer between 0 and {limit}, or None to choose by the batch; got "
-            f"{candidates!r}. It is how many next blocks a verifying forward drafts (0: draft in a forward of its "
-            "own)."
-        )
+from .settings import CONFIDENCE_MEASURES
 
 
 @dataclass
@@ -190,6 +161,10 @@ def structure_of(obj):
     return obj
 
 
+# A FixedSteps quota that never binds (see FixedSteps); small enough that the quota arithmetic cannot overflow.
+NO_STEP_QUOTA = 2**62
+
+
 def most_confident(conf: torch.Tensor, open_: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     """Each row's ``quota`` most confident open positions (ties: the leftmost)."""
     ranked = torch.where(open_, conf, -math.inf)
@@ -214,7 +189,11 @@ class Threshold(CommitRule):
 
 
 class FixedSteps(CommitRule):
-    """Finish every block in ``steps_per_block`` denoising steps, spreading what is left evenly over them."""
+    """Finish every block in ``steps_per_block`` denoising steps, spreading what is left evenly over them.
+
+    A row with :data:`NO_STEP_QUOTA` commits one position per step: what a threshold commits at least, so next to
+    a :class:`Threshold` (``AnyOf``) the row is decoded by its threshold alone.
+    """
 
     def __init__(self, steps_per_block: torch.Tensor):
         self.steps_per_block = steps_per_block  # (rows,)
@@ -230,11 +209,12 @@ class RepeatGuard(CommitRule):
     position proposes the same token.
 
     Both were predicted without seeing each other, and a small model's marginals then often put one word on two
-    neighbours ("a a"). The held-back position is predicted again next step with its neighbour known.
+    neighbours ("a a"). The held-back position is predicted again next step with its neighbour known. ``on``
+    (``(rows,)`` bool): the rows it guards (None: all).
     """
 
-    def __init__(self, rule: CommitRule):
-        self.rule = rule
+    def __init__(self, rule: CommitRule, on: torch.Tensor | None = None):
+        self.rule, self.on = rule, on
 
     def select(self, conf, proposal, open_, steps):
         commit = self.rule.select(conf, proposal, open_, steps)
@@ -243,7 +223,8 @@ class RepeatGuard(CommitRule):
         same = proposal[:, 1:] == proposal[:, :-1]
         repeats[:, 1:] |= same & open_[:, :-1]  # the left neighbour is open and proposes the same token
         repeats[:, :-1] |= same & open_[:, 1:]  # likewise on the right
-        return best | (commit & ~repeats)
+        guarded = best | (commit & ~repeats)
+        return guarded if self.on is None else torch.where(self.on.unsqueeze(1), guarded, commit)
 
 
 class AnyOf(CommitRule):
@@ -257,3 +238,13 @@ class AnyOf(CommitRule):
         for rule in self.rules[1:]:
             commit = commit | rule.select(conf, proposal, open_, steps)
         return commit
+
+
+def per_row_rule(rows: int, device) -> RepeatGuard:
+    """A rule whose threshold, step quota and repeat guard are all per-row settings, so that rows decoded together
+    (a server's requests) may each use their own: ``rule.on``, ``rule.rule.rules`` = ``(FixedSteps, Threshold)``.
+    Every row starts with none of them: a threshold of inf, :data:`NO_STEP_QUOTA`, unguarded; it commits one
+    position per step then, and selects exactly what the rules its settings describe alone would."""
+    quota = FixedSteps(torch.full((rows,), NO_STEP_QUOTA, dtype=torch.long, device=device))
+    threshold = Threshold(torch.full((rows,), math.inf, device=device))
+    return RepeatGuard(AnyOf(quota, threshold), on=torch.zeros(rows, dtype=torch.bool, device=device))

@@ -10,13 +10,15 @@ settings, its callback) fails alone; a failing step fails the requests in it, an
 request (a client that went away) frees its slot at the next step. Other work on the model (the server's scoring)
 runs on the same thread between steps: :meth:`Scheduler.call`.
 
-Every per-request setting (threshold, temperature, top-p, block size, verify, seed) is a per-row tensor of the
-engine, so requests with different settings share every forward. Greedy requests give the same tokens as
-``generate()`` on the request alone (tests/test_serve.py).
+Every per-request setting (the decoding settings of :class:`~settings.DecodeSettings` but the engine-wide ones,
+temperature, top-p, top-k, seed) is a per-row tensor of the engine, so requests with different settings share every
+forward. The engine-wide ones (``confidence``, ``use_cuda_graph``, ``compile_step``) are the server's, given when
+it starts. Greedy requests give the same tokens as ``generate()`` on the request alone (tests/test_serve.py).
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from concurrent.futures import Future
@@ -27,23 +29,22 @@ from transformers.utils import logging
 
 from .denoise import dense_attention, resolve_policy, verify_by_default, verify_candidates, verify_plan
 from .engine import DecodeEngine
-from .policies import AnyOf, FixedSteps, RepeatGuard, Sampling, Threshold, check_block_settings
+from .policies import NO_STEP_QUOTA, Sampling, per_row_rule
+from .settings import ENGINE_WIDE, SETTINGS, DecodeSettings, SettingError
 
 logger = logging.get_logger(__name__)
 
 
-@dataclass
-class RequestSettings:
-    """What one request asks for; ``None`` takes the server's default."""
+@dataclass(kw_only=True)
+class RequestSettings(DecodeSettings):
+    """What one request asks for; ``None`` takes the server's default. Its decoding settings are those of
+    :class:`~settings.DecodeSettings` but the engine-wide ones, which only the server sets (``verify`` None: see
+    :meth:`Scheduler.verifies`; ``candidates`` None: the server's)."""
 
     max_tokens: int
     temperature: float | None = None  # 0: greedy
     top_p: float | None = None
     top_k: int | None = None  # 0 or None: off
-    block_size: int | None = None
-    threshold: float | None = None
-    verify: bool | None = None  # None: the server's default (Scheduler.verifies)
-    candidates: int | None = None  # verify: next blocks drafted per verifying forward (None: the server's)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
@@ -74,37 +75,37 @@ class Scheduler:
         max_batch: slots decoded together (the engine's rows).
         max_length: positions per slot: a request's prompt plus ``max_tokens`` must fit.
         block_size: the largest block size a request may use (default: the model's).
-        defaults: generate() settings used where a request says nothing (e.g. ``threshold``).
+        defaults: generate() settings used where a request says nothing (e.g. ``threshold``, ``verify``), and the
+            engine-wide ones (``confidence``, ``use_cuda_graph``, ``compile_step``).
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_length: int = 2048, block_size: int | None = None,
                  **defaults):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.defaults = resolve_policy(model, 0, None, {"max_new_tokens": 1, "block_size": block_size, **defaults})
+        asked = DecodeSettings(**{name: value for name, value in defaults.items() if name in SETTINGS})
         self.block_size = self.defaults.block_size
         self.max_batch, self.max_length = max_batch, max_length
         device, rows = model.device, max_batch
-        # Per-request thresholds, within the server's rule (a step quota and the repeat guard apply to every row).
-        threshold = Threshold(torch.ones(rows, device=device))
-        self.thresholds = threshold.threshold
-        self.rule = threshold
-        if self.defaults.steps_per_block is not None:
-            self.rule = AnyOf(FixedSteps(torch.full((rows,), self.defaults.steps_per_block, device=device)), threshold)
-        if self.defaults.repeat_guard:
-            self.rule = RepeatGuard(self.rule)
+        # Every request its own threshold, step quota and repeat guard (written into its row by _configure).
+        self.rule = per_row_rule(rows, device)
+        self.guards, (quota, threshold) = self.rule.on, self.rule.rule.rules
+        self.quotas, self.thresholds = quota.steps_per_block, threshold.threshold
         self.sampling = Sampling(
             do_sample=torch.zeros(rows, dtype=torch.bool, device=device),
             temperature=torch.ones(rows, device=device),
             top_k=torch.zeros(rows, dtype=torch.long, device=device),
             top_p=torch.ones(rows, device=device),
         )
-        # Verified requests give block size 1's tokens; where drafting is slower at this many slots they get them
-        # at block size 1 (denoise.verify_plan).
-        verifying = replace(self.defaults, verify=self.block_size > 1, candidates=defaults.get("candidates"))
-        self.verify_causally = self.block_size > 1 and not verify_plan(verifying, rows, device).verify
-        # Requests that say nothing verify where generate() does (CUDA), unless the server was given a threshold.
-        self.verify_default = (self.block_size > 1 and verify_by_default(model)
-                               and not {"threshold", "steps_per_block"} & set(defaults))  # fmt: skip
+        # Verified requests give block size 1's tokens; where the plan for this many slots is not the server's
+        # block as asked (denoise.verify_plan) they get them at block size 1, which is never slower.
+        verifying = replace(self.defaults, verify=self.block_size > 1, candidates=asked.candidates)
+        plan = verify_plan(verifying, rows, device)
+        self.verify_causally = self.block_size > 1 and (not plan.verify or plan.block_size != self.block_size)
+        # Requests that say nothing verify as the server was told, else where generate() does (CUDA) unless the
+        # server was given a threshold or a step quota.
+        self.verify_default = asked.verify if asked.verify is not None else (
+            self.block_size > 1 and verify_by_default(model) and not asked.asks_threshold_decoding())  # fmt: skip
         self.engine = DecodeEngine(
             model, rows=rows, max_length=max_length, block_size=self.block_size, rule=self.rule,
             sampling=self.sampling, confidence=self.defaults.confidence, eos_token_ids=self.defaults.eos_token_ids,
@@ -127,12 +128,12 @@ class Scheduler:
         return self.verifies(settings) and self.verify_causally and settings.candidates is None
 
     def verifies(self, settings: RequestSettings) -> bool:
-        """Whether a request verifies: as it says, or by the server's default unless it sets a threshold or a block
-        size of 1."""
+        """Whether a request verifies: as it says, or by the server's default unless it sets a threshold, a step
+        quota or a block size of 1."""
         if settings.verify is not None:
             return settings.verify
         size = settings.block_size or self.block_size
-        return self.verify_default and settings.threshold is None and size > 1
+        return self.verify_default and not settings.asks_threshold_decoding() and size > 1
 
     def check(self, prompt: list[int], settings: RequestSettings):
         """Raise ValueError (with what to change) if a request cannot run here; nothing is queued."""
@@ -143,8 +144,13 @@ class Scheduler:
                 f"The prompt ({len(prompt)} tokens) plus max_tokens ({settings.max_tokens}) exceeds this server's "
                 f"context of {self.max_length} tokens; shorten the prompt or lower max_tokens."
             )
-        check_block_settings(settings.block_size or self.block_size, self.verifies(settings), settings.candidates,
-                             self.block_size, self.engine.candidates, "this server's")  # fmt: skip
+        for name in ENGINE_WIDE:  # one engine decodes every request with them
+            if getattr(settings, name) is not None:
+                raise SettingError(f"{name} is set for the whole server, not per request: leave it out (or start "
+                                   f"the server with it: hf_blockdiff serve --{name.replace('_', '-')}).", name)  # fmt: skip
+        settings.validate()
+        replace(settings, block_size=settings.block_size or self.block_size, verify=self.verifies(settings)).validate(
+            self.block_size, self.engine.candidates, "this server's")  # fmt: skip
 
     @property
     def alive(self) -> bool:
@@ -266,8 +272,12 @@ class Scheduler:
         temperature = settings.temperature
         if temperature is None:
             temperature = self.defaults.temperature if self.defaults.do_sample else 0.0
-        threshold = settings.threshold if settings.threshold is not None else self.defaults.threshold
-        self.thresholds[slot] = 1.0 if threshold is None else threshold
+        # each as the request says, else as the server's (which has a threshold, a step quota or both)
+        threshold = _given(settings.threshold, self.defaults.threshold)
+        steps = _given(settings.steps_per_block, self.defaults.steps_per_block)
+        self.thresholds[slot] = math.inf if threshold is None else threshold  # inf: none (see per_row_rule)
+        self.quotas[slot] = NO_STEP_QUOTA if steps is None else steps
+        self.guards[slot] = _given(settings.repeat_guard, self.defaults.repeat_guard)
         self.sampling.do_sample[slot] = temperature > 0
         self.sampling.temperature[slot] = temperature if temperature > 0 else 1.0
         self.sampling.top_p[slot] = settings.top_p if settings.top_p is not None else 1.0
@@ -372,3 +382,7 @@ class Scheduler:
             self._end(request, "error")
         except Exception:  # its client cannot be told (e.g. its event loop is gone)
             logger.exception("Could not report a failed request.")
+
+
+def _given(value, default):
+    return default if value is None else value

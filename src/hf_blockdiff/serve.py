@@ -2,8 +2,10 @@
 """``hf_blockdiff serve``: an OpenAI-compatible HTTP server on the decode engine, with continuous batching.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream over SSE with ``stream: true``),
-``GET /v1/models``, ``GET /health``. Besides OpenAI's fields a request may set ``top_k``, ``block_size``,
-``threshold`` and ``verify``; ``usage`` reports ``tokens_per_forward`` next to the token counts. Errors are OpenAI-style JSON
+``GET /v1/models``, ``GET /health``. Besides OpenAI's fields a request may set ``top_k`` and the decoding settings
+of :class:`~settings.DecodeSettings` (``block_size``, ``threshold``, ``steps_per_block``, ``repeat_guard``,
+``verify``, ``candidates``; the engine-wide ones are the server's, and a request that sets one gets a 400); ``usage``
+reports ``tokens_per_forward`` next to the token counts. Errors are OpenAI-style JSON
 (``{"error": {"message", "type", "param", "code"}}``): a 4xx status for a request this server cannot take (fields it
 cannot honour, bodies past ``max_body_bytes``, malformed JSON or text), a 5xx one for its own failures. Completions take token-id prompts, batches
 of prompts, ``n``, ``echo`` and ``logprobs`` as OpenAI's legacy API (what lm-eval's ``local-completions`` sends);
@@ -27,6 +29,7 @@ from transformers.utils import logging
 
 from . import scoring
 from .scheduler import Request, RequestSettings, Scheduler
+from .settings import SETTINGS
 
 logger = logging.get_logger(__name__)
 
@@ -106,7 +109,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # kept in model_extra, where _refuse_unsupported looks
+    # Unknown fields are kept in model_extra, where _refuse_unsupported looks; so are the decoding settings, which
+    # the scheduler checks (settings.DecodeSettings: one check for generate(), the server, the CLI, the harness).
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -118,11 +123,6 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # block diffusion
-    block_size: int | None = Field(default=None, ge=1)
-    threshold: float | None = Field(default=None, ge=0, le=1)
-    verify: bool | None = None  # None: the server's default (on CUDA: verify, unless a threshold is given)
-    candidates: int | None = Field(default=None, ge=0)  # verify: next blocks drafted per verifying forward
 
     _text_only = field_validator("*")(_unicode_only)
 
@@ -251,14 +251,14 @@ def create_app(scheduler: Scheduler, model_name: str, default_max_tokens: int = 
         # (a prompt past the context leaves no room: at least 1, so that check() says so)
         max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max_tokens, max(room, 1))
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        decoding = {name: value for name, value in (body.model_extra or {}).items() if name in SETTINGS}
         settings = RequestSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                   block_size=body.block_size, threshold=body.threshold, verify=body.verify,
-                                   candidates=body.candidates, seed=body.seed, stop=[s for s in stop if s])  # fmt: skip
+                                   seed=body.seed, stop=[s for s in stop if s], **decoding)  # fmt: skip
         try:
             scheduler.check(ids, settings)
         except ValueError as error:
             code = "context_length_exceeded" if "context" in str(error) else None
-            raise APIError(400, str(error), code=code) from error
+            raise APIError(400, str(error), param=getattr(error, "name", None), code=code) from error
         return settings
 
     async def _answer(body: _Common, ids: list[int], http: HTTPRequest, chat: bool, raw: bool = False):

@@ -54,6 +54,16 @@ class BlockDiffusionConfig(SFTConfig):
             "positions; dParallel). 0 = off."
         },  # fmt: skip
     )
+    fused_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "Cross-entropy kernel of the two-stream losses. 'auto': liger-kernel's fused linear "
+            "cross-entropy (`pip install hf_blockdiff[train]`) when the model is on CUDA and its head is a plain "
+            "linear layer without logit softcapping, else chunked float32 logits; 'liger': require the fused "
+            "kernel; 'none': always the chunked path. Same losses up to float rounding.",
+            "choices": ["auto", "liger", "none"],
+        },
+    )
     self_distillation: bool = field(
         default=False,
         metadata={"help": "Replace the targets by the model's own AR decoding of the dataset's prompts."},
@@ -101,6 +111,8 @@ class BlockDiffusionConfig(SFTConfig):
             )
         if self.adapter_scope not in ("all", "noisy"):
             raise ValueError(f"adapter_scope must be 'all' or 'noisy', got {self.adapter_scope!r}.")
+        if self.fused_loss not in ("auto", "liger", "none"):
+            raise ValueError(f"fused_loss must be 'auto', 'liger' or 'none', got {self.fused_loss!r}.")
         if self.block_growth and not 1 <= self.growth_start <= self.block_size:
             raise ValueError(f"growth_start must be in [1, block_size], got {self.growth_start}.")
         super().__post_init__()
@@ -182,19 +194,34 @@ class BlockDiffusionTrainer(SFTTrainer):
             block_size=block_size,
             ar_loss_weight=0.0 if self.args.adapter_scope == "noisy" else self.args.ar_loss_weight,
             certainty_loss_weight=self.args.certainty_loss_weight,
+            fused_loss=self.args.fused_loss,
         )
+        # Metrics stay tensors on the device until `log` reads them: `.item()` here would make every step wait for
+        # the GPU to finish the forward before the backward is queued.
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        metrics["diffusion_loss"].append(gather(outputs.diffusion_loss.detach()).mean().item())
-        metrics["ar_loss"].append(gather(outputs.ar_loss.detach()).mean().item())
+        metrics["diffusion_loss"].append(gather(outputs.diffusion_loss.detach()).mean())
+        metrics["ar_loss"].append(gather(outputs.ar_loss.detach()).mean())
         if outputs.certainty_loss is not None:
-            metrics["certainty_loss"].append(gather(outputs.certainty_loss.detach()).mean().item())
-        metrics["masked_fraction"].append(noise.masked_fraction)
+            metrics["certainty_loss"].append(gather(outputs.certainty_loss.detach()).mean())
+        metrics["masked_fraction"].append(noise.masked_share())
         metrics["block_size"] = [float(block_size)]  # the current size, not an average over the logging window
         if mode == "train" and inputs.get("attention_mask") is not None:
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens = self._total_train_tokens + gather(inputs["attention_mask"].sum()).sum()
             metrics["num_tokens"] = [self._total_train_tokens]
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's averaging of the metrics, after reading the ones ``compute_loss`` left on the device."""
+        for metrics in self._metrics.values():
+            for key, values in metrics.items():
+                tensors = [value.reshape(()).double() for value in values if isinstance(value, torch.Tensor)]
+                if tensors:
+                    read = iter(torch.stack(tensors).tolist())  # one transfer for the whole logging window
+                    metrics[key] = [next(read) if isinstance(value, torch.Tensor) else value for value in values]
+        if isinstance(self._total_train_tokens, torch.Tensor):
+            self._total_train_tokens = int(self._total_train_tokens)
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation reports the losses only: the two-stream forward returns no logits."""

@@ -1,0 +1,263 @@
+# Copyright 2026 The hf_blockdiff authors. Apache-2.0.
+"""Decoding methods: how a row of a decode step turns forwards into output (docs/design.md 2.5, 2.6).
+
+Hub-portable: imports only torch and its sibling files.
+
+Every busy slot of a :class:`~engine.DecodeEngine` decodes with one method. A method is a small class of four
+parts, each acting only on its own rows (``mine``, a bool ``(rows,)`` mask) of the engine's per-row state:
+
+- :meth:`~DecodingMethod.start`: the first block of a new request, from the prefill's token;
+- :meth:`~DecodingMethod.feed`: what its rows put into the step's forward besides their block (candidate next
+  blocks), and where a noisy-scope adapter acts;
+- :meth:`~DecodingMethod.update`: after the forward, what it commits (denoised positions) or keeps (a verified
+  prefix), its rows' next state, and their events for the host.
+
+The engine runs all methods in one fixed-shape step (one CUDA graph), so a method is device operations on whole
+tensors, masked to its rows: no host reads, no data-dependent shapes. The shipped methods:
+
+- :class:`Denoising`: threshold (or fixed-steps) denoising of each block, then one causal commit forward;
+- :class:`DraftVerify`: a drafting forward fills the block, the commit forward keeps what the causal model
+  accepts (two forwards per block, lossless);
+- :class:`VerifyAhead`: one forward verifies the block and drafts the next one in candidate blocks (lossless).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .policies import propose, speculative_accept
+
+# A row's phase: between requests; denoising its block (bidirectional forward); committing it (causal forward);
+# one-forward verify (a causal forward of the drafted block plus candidate next blocks).
+IDLE, DENOISE, COMMIT, AHEAD = 0, 1, 2, 3
+
+
+@dataclass
+class StepInputs:
+    """What a step feeds the forward, built by the methods for their rows."""
+
+    ids: torch.Tensor  # (rows, queries): each row's block, then the scratch queries (candidate blocks)
+    gate: torch.Tensor  # (rows, queries) bool: where a noisy-scope adapter acts (the positions being denoised)
+    visible: torch.Tensor | None  # (rows, groups * candidates) bool: the candidate blocks a row carries
+
+
+@dataclass
+class StepOutput:
+    """What the forward gave every row: hidden states of all queries; at each block position the proposal, its
+    confidence and the distribution it came from (each predicting the next position)."""
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    conf: torch.Tensor
+    dist: torch.Tensor
+
+
+class DecodingMethod:
+    """One way a row decodes its blocks (see the module docstring)."""
+
+    drafts = False  # a row's block holds drafts: output only once the causal model has verified them
+
+    def start(self, engine, mine: torch.Tensor, first: torch.Tensor):
+        """Start the first block of the new rows ``mine`` at ``first``. Returns ``(shown, finished)``: rows whose
+        first block is output at once (a block of one token), and rows that ended there."""
+        engine._start_block(mine, first)
+        complete = mine & engine.filled.all(dim=1)
+        return complete, engine._settle(complete)
+
+    def feed(self, engine, mine: torch.Tensor, inputs: StepInputs):
+        """Denoising rows: the adapter acts on their block."""
+        denoising = mine & (engine.phase == DENOISE)
+        inputs.gate |= engine._is_block & denoising.unsqueeze(1)
+
+    def update(self, engine, mine: torch.Tensor, out: StepOutput):
+        raise NotImplementedError
+
+    def fill(self, engine, denoising, out: StepOutput) -> torch.Tensor:
+        """Which open positions of the ``denoising`` rows' blocks this step commits (``(rows, block - 1)``)."""
+        raise NotImplementedError
+
+    def _denoise(self, engine, mine, out: StepOutput) -> torch.Tensor:
+        """The denoising step of ``mine``'s denoising rows: position i predicts i + 1; commit what :meth:`fill`
+        picks. Returns the rows whose block is complete now."""
+        e = engine
+        denoising = mine & (e.phase == DENOISE)
+        commit = self.fill(e, denoising, out)
+        e.block[:, 1:] = torch.where(commit, out.tokens[:, :-1], e.block[:, 1:])
+        e.filled[:, 1:] |= commit
+        e.committed_at[:, 1:] = torch.where(commit, e.forwards.unsqueeze(1), e.committed_at[:, 1:])
+        e.steps += denoising
+        e._close_after_eos(mine)
+        return denoising & e.filled.all(dim=1)
+
+
+class Denoising(DecodingMethod):
+    """Threshold denoising: commit what the engine's :class:`~policies.CommitRule` picks until the block is full,
+    then run it once causally (its keys become the committed cache; its last logit is the next first token)."""
+
+    def fill(self, engine, denoising, out):
+        open_ = ~engine.filled[:, 1:] & denoising.unsqueeze(1)
+        return engine.rule.select(out.conf[:, :-1], out.tokens[:, :-1], open_, engine.steps) & open_
+
+    def update(self, engine, mine, out):
+        e = engine
+        complete = self._denoise(e, mine, out)
+        committing = mine & (e.phase == COMMIT)
+        first = out.tokens.gather(1, (e.block_len - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        e.length += torch.where(committing, e.block_len, 0)
+        e.generated += torch.where(committing, e.block_len, 0)
+        e._start_block(committing, first)
+        complete |= committing & e.filled.all(dim=1)  # a block of one position is complete at once
+        finished = e._settle(complete)
+        e._record_rows(mine, complete, finished, e.block_len, e.block, e.committed_at, e.block_len)
+
+
+def accept(engine, tokens, dist, verifying):
+    """The ``verifying`` rows' decision on their drafted block, from the causal ``tokens`` (and ``dist``) of this
+    forward: ``(keep, ends, next_first)``. ``keep``: block tokens kept (the first token plus the longest accepted
+    draft prefix, cut after a kept EOS); ``ends``: a kept EOS; ``next_first``: the causal token after the kept part
+    (sampling rows: the residual draw at a rejection, so tokens follow block-size-1 sampling)."""
+    e = engine
+    agree = e.block[:, 1:] == tokens[:, :-1]
+    speculative = e._sampling and e.block_size > 1
+    if speculative:
+        accepted, residual = speculative_accept(dist[:, :-1], e.draft_dist[:, 1:], e.block[:, 1:], e.uniform[:, 1:],
+                                                e.noise[:, : e.block_size - 1])  # fmt: skip
+        agree = torch.where(e.sampling.do_sample.unsqueeze(1), accepted, agree)
+    agree &= e._index[1:] < e.block_len.unsqueeze(1)
+    keep = torch.where(verifying, agree.long().cumprod(dim=1).sum(dim=1) + 1, e.block_len)
+    kept_eos = verifying.unsqueeze(1) & e._eos_at(e._index < keep.unsqueeze(1))
+    ends = kept_eos.any(dim=1)
+    keep = torch.where(ends, torch.where(kept_eos, e._index + 1, e.block_size).min(dim=1).values, keep)
+    at = (keep - 1).clamp(min=0).unsqueeze(1)
+    next_first = tokens.gather(1, at).squeeze(1)
+    if speculative:
+        rejected = verifying & e.sampling.do_sample & (keep < e.block_len)
+        next_first = torch.where(rejected, residual.gather(1, at.clamp(max=e.block_size - 2)).squeeze(1), next_first)
+    return keep, ends, next_first
+
+
+def keep_verified(engine, verifying, out: StepOutput):
+    """:func:`accept` the ``verifying`` rows' drafts and move them past what they keep. Returns ``(keep, ends,
+    next_first, report)``; ``report`` is what the host sees of the verified block: its tokens, the kept length,
+    the forward that committed each token, and the drafted length (the tokens past the kept ones were rejected)."""
+    e = engine
+    keep, ends, first = accept(e, out.tokens, out.dist, verifying)
+    report = (e.block.clone(), keep, torch.where(e._index > 0, e.forwards.unsqueeze(1), e.committed_at),
+              e.block_len.clone())  # fmt: skip
+    e.length += torch.where(verifying, keep, 0)
+    e.generated += torch.where(verifying, keep, 0)
+    e.ended |= ends
+    return keep, ends, first, report
+
+
+class DraftVerify(DecodingMethod):
+    """Two forwards per block: a bidirectional forward drafts every open position at once; the causal commit
+    forward keeps the longest prefix it agrees with plus its own next token. The rest of the written cache lies
+    past the row's new length and is overwritten later, never a valid key."""
+
+    drafts = True
+
+    def fill(self, engine, denoising, out):
+        commit = ~engine.filled[:, 1:] & denoising.unsqueeze(1)
+        if engine._sampling:  # a sampled draft is accepted against the distribution it came from
+            engine.draft_dist[:, 1:] = torch.where(commit.unsqueeze(-1), out.dist[:, :-1], engine.draft_dist[:, 1:])
+        return commit
+
+    def update(self, engine, mine, out):
+        e = engine
+        complete = self._denoise(e, mine, out)
+        verified = mine & (e.phase == COMMIT)
+        keep, ends, first, report = keep_verified(e, verified, out)
+        done = verified & (ends | (e.generated >= e.max_new))
+        e._start_block(verified & ~done, first)
+        finished = e._settle(complete)  # (only a block of one token completes without being verified)
+        e.phase.masked_fill_(done, IDLE)
+        pick = verified.unsqueeze(1)
+        e._record_rows(mine, (complete & finished) | verified, (complete & finished) | done,
+                       torch.where(verified, report[1], e.block_len), torch.where(pick, report[0], e.block),
+                       torch.where(pick, report[2], e.committed_at), torch.where(verified, report[3], e.block_len))  # fmt: skip
+
+
+class VerifyAhead(DecodingMethod):
+    """One forward per block (docs/design.md 2.6): the row's drafted block, causally, then its candidate next
+    blocks in scratch slots. Candidate ``c`` is ``[block token c, MASK ...]`` (in the guessing group, the first
+    mask replaced by the draft's runner-up there); after the acceptance the candidate anchored at the last kept
+    token gives the next block's drafts."""
+
+    drafts = True
+
+    def start(self, engine, mine, first):
+        """The first block is the first token alone, verified (and drafted after) by the first step."""
+        e = engine
+        e._start_block(mine, first, size=torch.ones_like(e.row_block_size))
+        finished = e._settle(mine)
+        e.phase.copy_(torch.where(mine & ~finished, AHEAD, e.phase))
+        return finished, finished
+
+    def feed(self, engine, mine, inputs):
+        e = engine
+        ahead = mine & (e.phase == AHEAD)
+        ids = e.block.new_full((e.rows, e.groups, e.candidates, e.width), e.mask_token_id)
+        ids[:, :, :, 0] = e.block[:, None, : e.candidates]
+        if e.groups == 2:
+            ids[:, 1, :, 1] = e.runner_up[:, 1 : e.candidates + 1]
+        inputs.ids[:, e.block_size :] = ids.flatten(1)
+        visible = ahead.unsqueeze(1) & (e._index[: e.candidates] < e.row_candidates.unsqueeze(1))
+        inputs.visible |= visible.repeat(1, e.groups)
+        inputs.gate |= ~e._is_block & ahead.unsqueeze(1)
+
+    def update(self, engine, mine, out):
+        e = engine
+        ahead = mine & (e.phase == AHEAD)
+        keep, ends, first, report = keep_verified(e, ahead, out)
+        self._draft_next(e, mine, ahead, out.hidden, keep, ends, first, report)
+
+    def _draft_next(self, e, mine, ahead, hidden, keep, ends, first, report):
+        """Each row's next block is ``[first, drafts]``, the drafts read from the candidate anchored at the last
+        kept token. A row whose accepted prefix had no candidate of its own reads the longest shorter one further
+        along (any draft is lossless; only its acceptance differs). A row also ends here when ``first`` is its last
+        token (an EOS, or the last of its budget): it is output now, without a forward."""
+        b, w = e.block_size, e.width
+        left = e.max_new - e.generated  # after this step's kept tokens
+        stop = torch.isin(first, e.eos) & (e.generated >= e.min_new)  # (propose forbids it before)
+        last = ahead & ~ends & (left > 0) & (stop | (left == 1))  # ``first`` is the row's last token
+        done = ahead & (ends | (left <= 0) | last)
+        cand = torch.minimum(keep, e.row_candidates).clamp(min=1) - 1  # candidate c is anchored at block token c
+        offset = keep - 1 - cand
+        count = torch.minimum(torch.minimum(e.row_block_size - 1, w - 1 - offset), left - 1).clamp(min=0)
+        count = torch.where(e.row_candidates > 0, count, 0)
+        if e.groups == 2:  # the guessing copy, where it guessed the causal token after a rejected draft
+            guessed = (
+                (offset == 0) & (keep < e.block_len) & (e.runner_up.gather(1, keep.unsqueeze(1)).squeeze(1) == first)
+            )
+            cand = cand + guessed * e.candidates
+        where = (b + cand * w + offset + 1).unsqueeze(1) + e._index[:-1]  # candidate position j predicts j + 1
+        picked = hidden.gather(1, where.clamp(max=e.queries - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        produced = (e.generated + 1).unsqueeze(1) + e._index[:-1]  # token index of the new block's drafts
+        noise = e.noise[:, b:] if e._sampling else None
+        drafts, _, dist = propose(e.model.logits_from_hidden(picked), e.sampling, e.measure, e.mask_token_id, e.eos,
+                                  produced < e.min_new.unsqueeze(1), noise, with_dist=True)  # fmt: skip
+        go_on = ahead & ~done
+        use = e._index[:-1] < count.unsqueeze(1)
+        block = torch.cat([first.unsqueeze(1), torch.where(use, drafts, e.pad_token_id)], dim=1)
+        e.block.copy_(torch.where(go_on.unsqueeze(1), block, e.block))
+        if e._sampling:
+            e.draft_dist[:, 1:] = torch.where((go_on.unsqueeze(1) & use).unsqueeze(-1), dist, e.draft_dist[:, 1:])
+        if e.groups == 2:
+            runner_up = dist.topk(2, dim=-1).indices[..., 1]
+            e.runner_up[:, 1:-1] = torch.where(go_on.unsqueeze(1), runner_up, e.runner_up[:, 1:-1])
+            e.runner_up[:, -1] = e.mask_token_id  # (after the block: no guess)
+        at = torch.where(e._index == 0, e.forwards.unsqueeze(1), -1)
+        e.committed_at.copy_(torch.where(go_on.unsqueeze(1), at, e.committed_at))
+        e.block_len.copy_(torch.where(go_on, 1 + count, torch.where(done, 0, e.block_len)))
+        e.filled.masked_fill_(go_on.unsqueeze(1), True)  # a draft fills its positions (the check is next step)
+        e.phase.masked_fill_(done, IDLE)
+        # The host sees the kept tokens (and ``first`` where it is the last); the rest of the draft was rejected.
+        tokens, kept, at, drafted = report
+        end = keep.unsqueeze(1)
+        tokens = torch.nn.functional.pad(tokens, (0, 1), value=e.pad_token_id)
+        tokens = torch.where(last.unsqueeze(1), tokens.scatter(1, end, first.unsqueeze(1)), tokens)
+        at = torch.nn.functional.pad(at, (0, 1), value=-1).scatter(1, end, e.forwards.unsqueeze(1))
+        e._record_rows(mine, ahead, done, kept + last, tokens, at, drafted)
