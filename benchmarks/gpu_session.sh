@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for the GPU machine (torch/transformers preinstalled there; trl, datasets, gguf travel as
 # wheels in .whl/). Usage: bash benchmarks/gpu_session.sh STEP...   Results go to $OUT (default ./gpu_out).
+# Long steps also write their whole output to $OUT/*.log: a call cut off by its time limit still brings that back,
+# while the short summary on stdout (a pipe into tail) is lost with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT" "$HOME/stage" "$HOME/work"
@@ -33,10 +35,10 @@ for step in "$@"; do case $step in
     log bench generate smollm2; $PY benchmarks/bench_generate.py --model "$GGUF" --out generate_smollm2 2>&1 | grep -v "^{" | tail -45
     log bench generate 1.5b; $PY benchmarks/bench_generate.py --shape qwen2-1.5b --thresholds 0.0 1.0 --out generate_qwen2-1.5b 2>&1 | grep -v "^{" | tail -25
     cp benchmarks/results/generate_* "$OUT/" ;;
-  bench-engine)  # BATCHES, SETTINGS, NAME, EXTRA (e.g. "--dtype float32 --no-hf") from the environment
-    log bench engine $NAME; $PY benchmarks/bench_engine.py --model "$GGUF" --adapter smollm2-bd16 --batches ${BATCHES:-1 16 64} \
+  bench-engine)  # BATCHES, SETTINGS, NAME, EXTRA (e.g. "--dtype float32 --no-hf"), ADAPTER from the environment
+    log bench engine $NAME; $PY benchmarks/bench_engine.py --model "$GGUF" --adapter "${ADAPTER:-smollm2-bd16}" --batches ${BATCHES:-1 16 64} \
       --settings ${SETTINGS:-1:1.0 16:0.9 16:verify:0 16:verify 8:verify} --contexts ${EXTRA:-} --out "${NAME:-engine_verify}" 2>&1 \
-      | grep -v "^{" | tail -40; cp benchmarks/results/"${NAME:-engine_verify}".* "$OUT/" ;;
+      | tee "$OUT/${NAME:-engine_verify}.log" | grep -v "^{" | tail -40; cp benchmarks/results/"${NAME:-engine_verify}".* "$OUT/" ;;
   bench-grid)  # issue 20: batch x context, HF static vs ours b=1 vs the default decoding, with memory. One process per
     # model and batch (each under GRID_TIMEOUT s), merged into one table per model. MODELS (smollm2 and/or shapes
     # of benchmarks/common.py), BATCHES, CONTEXTS, REPEATS, ADAPTER (smollm2's; empty: none) from the environment
@@ -80,5 +82,25 @@ for step in "$@"; do case $step in
   proof-eval)
     log proof evaluate; $PY benchmarks/proof_smollm2.py evaluate --work "$HOME/work/proof" --source "$GGUF" \
       --eval-prompts .carry/prompts_eval.jsonl --wiki .carry/wiki_eval.jsonl --speed --out "$OUT" 2>&1 | grep -v "^{" | tail -40 ;;
+  drafter-targets)  # issue 19: the source's greedy continuations of .carry_gpu/drafter_prompts.jsonl.gz (MAX_PROMPTS)
+    log drafter targets; D=$HOME/work/drafter; mkdir -p "$D"; cp .carry_gpu/drafter_prompts.jsonl.gz "$D/" 2>/dev/null
+    $PY benchmarks/train_drafter.py targets --source "$GGUF" --prompts "$D/drafter_prompts.jsonl.gz" --out "$D/targets" \
+      ${MAX_PROMPTS:+--max-prompts $MAX_PROMPTS} ${FIRST_PROMPT:+--first-prompt $FIRST_PROMPT} 2>&1 | tr '\r' '\n' \
+      | tee "$OUT/drafter_targets.log" | grep -v "^$" | tail -6
+    cp "$D"/targets/* "$OUT/" ;;  # keep them in .carry_gpu/targets/ for later sessions
+  drafter-train)  # one piece of the drafter run (MINUTES, TOTAL_STEPS); resumes from .carry_gpu/state if there.
+    # Targets: .carry_gpu/targets, else this machine's from drafter-targets. The adapter stays in $HOME/work/drafter.
+    log drafter train; D=$HOME/work/drafter; mkdir -p "$D"
+    if [ -d .carry_gpu/targets ]; then rm -rf "$D/targets"; cp -r .carry_gpu/targets "$D/targets"; fi
+    state=(); [ -f .carry_gpu/state/manifest.json ] && state=(--state .carry_gpu/state --log .carry_gpu/drafter_log.jsonl)
+    [ -f "$D/state/manifest.json" ] && [ ${#state[@]} = 0 ] && state=(--state "$D/state" --log "$D/drafter_log.jsonl")
+    $PY benchmarks/train_drafter.py train --source "$GGUF" --targets "$D/targets" "${state[@]}" --out "$D/next" \
+      --work "$D/work" --minutes "${MINUTES:-6}" --total-steps "${TOTAL_STEPS:-6000}" 2>&1 | tee "$OUT/drafter_train.log" \
+      | grep -v "it/s\|s/it" | tail -8
+    if [ -f "$D/next/state/manifest.json" ]; then  # a failed piece leaves the last good state in place
+      rm -rf "$D/state" && cp -r "$D/next/state" "$D/state" && cp "$D/next/drafter_log.jsonl" "$D/"
+      mkdir -p "$OUT/state" && cp "$D"/state/* "$OUT/state/" && cp "$D/drafter_log.jsonl" "$OUT/" && rm -rf "$D/next"
+      rm -rf "$D/adapter" && cp -r "$D/work/adapter" "$D/adapter"  # ADAPTER=$D/adapter for bench-engine
+    fi ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac; done

@@ -65,9 +65,9 @@ def test_shipped_names_win_over_folders_of_the_same_name(tmp_path, monkeypatch, 
     assert resolve_source("smollm2") == (str(gguf.parent), "model.gguf")
     assert "write ./smollm2" in caplog.text  # the folder is not silently ignored either
     # a path form means the folder
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="has neither adapter_config.json"):
         resolve_adapter("./smollm2-bd16")
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="has neither adapter_config.json"):
         resolve_adapter(Path("smollm2-bd16"))
     assert resolve_source("./smollm2") == ("./smollm2", None)
 

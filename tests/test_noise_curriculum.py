@@ -52,6 +52,23 @@ def test_mask_rate_tracks_t():
     assert abs(noise.masked_fraction - 0.6) < 0.03  # E[t] = (1 + eps) / 2
 
 
+def test_whole_block_noise_masks_that_share_of_blocks_entirely():
+    ids, am, labels = sft_batch()
+    ids, am, labels = ids.repeat(200, 1), am.repeat(200, 1), labels.repeat(200, 1)
+    noise = NoiseSampler(MASK, whole_blocks=0.5)(ids, am, labels, 8, generator=torch.Generator().manual_seed(0))
+    blocks, offsets = block_grid(8, am, labels)
+    in_grid = noise.maskable
+    whole = noise.noise_level[in_grid] == 1.0
+    assert noise.masked[in_grid][whole].all()  # t = 1: every maskable position of the block is masked
+    # t = 1 is drawn for about half the blocks (the rest keep U(eps, 1), where t = 1 has probability 0)
+    per_block = {(r.item(), blocks[r, b].item()): level for r, b, level in
+                 zip(*torch.nonzero(in_grid, as_tuple=True), noise.noise_level[in_grid].tolist())}  # fmt: skip
+    share = sum(level == 1.0 for level in per_block.values()) / len(per_block)
+    assert abs(share - 0.5) < 0.05
+    with pytest.raises(ValueError, match="wholly masked"):
+        NoiseSampler(MASK, whole_blocks=1.5)
+
+
 def test_one_noise_level_per_block_and_none_for_context_in_multi_turn_rows():
     ids, am, labels = sft_batch()
     labels[0, 20:25] = -100  # a user turn between two assistant turns

@@ -49,6 +49,9 @@ def test_the_causal_path_is_the_source_and_denoising_is_adapted(arch):
     # ... while denoising does use the adapter: the draft and the diffusion loss change, the AR loss does not.
     drafted = [m.generate(ids, attention_mask=am, block_size=4, threshold=0.0, **GREEDY) for m in (model, plain)]
     assert not torch.equal(*drafted)
+    # a deep copy keeps its adapter working (its own gate, shared by its layers)
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied.generate(ids, attention_mask=am, block_size=4, threshold=0.0, **GREEDY), drafted[0])
     noisy = ids.clone()
     noisy[:, 3::2] = model.config.mask_token_id
     with_adapter, without = (
@@ -112,3 +115,67 @@ def test_noisy_scope_refuses_a_lora_config_it_cannot_size(tmp_path):
                               processing_class=tiny_tokenizer(), peft_config=LoraConfig(target_modules=".*proj"))  # fmt: skip
     with pytest.raises(ValueError, match="adapter_scope"):
         BlockDiffusionConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, adapter_scope="clean")
+
+
+def test_an_adapter_saved_alone_applies_to_a_fresh_conversion(tmp_path):
+    from hf_blockdiff.convert import apply_adapter, save_noisy_adapter
+
+    source, model, plain, _ = with_random_adapter("llama")
+    save_noisy_adapter(model, tmp_path / "adapter", dtype=None)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "noisy_adapter.safetensors", "noisy_adapter_config.json"]  # fmt: skip
+    plain_copy = copy.deepcopy(plain)
+    applied = apply_adapter(copy.deepcopy(plain), tmp_path / "adapter")
+    ids, am = padded_batch([7, 5], seed=3)
+    settings = dict(attention_mask=am, block_size=4, threshold=0.0, **GREEDY)
+    assert torch.equal(applied.generate(ids, **settings), model.generate(ids, **settings))
+    assert not torch.equal(applied.generate(ids, **settings), plain.generate(ids, **settings))
+    with torch.no_grad():  # and the causal path is still the source
+        torch.testing.assert_close(applied(ids, attention_mask=am).logits[..., : source.config.vocab_size],
+                                   source_logits(source, ids, am), rtol=0, atol=0)  # fmt: skip
+    other_rank = copy.deepcopy(plain_copy)
+    other_rank.add_noisy_adapter(r=2)
+    with pytest.raises(ValueError, match="has a noisy-scope adapter"):
+        apply_adapter(other_rank, tmp_path / "adapter")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "adapter" / "noisy_adapter.safetensors")
+    save_file(dict(list(weights.items())[1:]), tmp_path / "adapter" / "noisy_adapter.safetensors")
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_adapter(copy.deepcopy(plain_copy), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="no noisy-scope adapter"):
+        save_noisy_adapter(plain_copy, tmp_path / "none")
+
+
+@pytest.mark.slow
+def test_a_noisy_run_resumes_from_an_adapter_only_checkpoint(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                control.should_training_stop = control.should_save = True
+
+    def trainer(out, *callbacks):
+        args = BlockDiffusionConfig(output_dir=str(tmp_path / out), max_steps=10, per_device_train_batch_size=8,
+                                    learning_rate=1e-2, logging_steps=1, block_size=4, report_to=[],
+                                    save_strategy="no", use_cpu=True, max_length=32, seed=0, adapter_scope="noisy",
+                                    whole_block_noise=0.5, dataloader_num_workers=0, growth_start=2,
+                                    growth_interval_steps=4)  # fmt: skip
+        return BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(),
+                                     processing_class=tiny_tokenizer(), callbacks=list(callbacks))  # fmt: skip
+
+    straight = trainer("straight")
+    straight.train()
+    trainer("pieces", StopAt()).train()
+    checkpoint = tmp_path / "pieces" / "checkpoint-5"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"noisy_adapter.safetensors", "optimizer.pt", "trainer_state.json"} <= names
+    assert "model.safetensors" not in names  # the base is the source: a checkpoint is the adapter and its state
+    resumed = trainer("pieces")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    adapter = {n: p for n, p in straight.model.named_parameters() if "noisy_lora" in n}
+    assert adapter and all(p.dtype == torch.float32 for p in adapter.values())
+    for name, param in resumed.model.named_parameters():
+        if "noisy_lora" in name:
+            assert torch.equal(param, adapter[name]), name  # bit for bit: data position, noise, optimizer, schedule

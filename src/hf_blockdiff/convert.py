@@ -575,30 +575,84 @@ def convert_checkpoint(src, dst, block_size: int = 4, mask_token: str | None = N
                                validate, atol)["path"]  # fmt: skip
 
 
+NOISY_ADAPTER_CONFIG = "noisy_adapter_config.json"
+NOISY_ADAPTER_WEIGHTS = "noisy_adapter.safetensors"
+
+
 def resolve_adapter(adapter: str | os.PathLike) -> Path:
     """The name of an adapter shipped with hf_blockdiff (see ``SHIPPED_ADAPTERS``; names win, see
-    :func:`is_shipped_name`), or a LoRA adapter directory."""
+    :func:`is_shipped_name`), a LoRA adapter directory, or a noisy-scope adapter directory
+    (:func:`save_noisy_adapter`)."""
     if is_shipped_name(adapter, SHIPPED_ADAPTERS):
         return ADAPTERS_DIR / adapter
     path = Path(adapter)
     if path.is_dir():
-        if not (path / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{path} has no adapter_config.json: not a PEFT adapter directory.")
+        if not (path / "adapter_config.json").is_file() and not (path / NOISY_ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{path} has neither adapter_config.json (a PEFT LoRA adapter) nor "
+                                    f"{NOISY_ADAPTER_CONFIG} (a noisy-scope adapter).")  # fmt: skip
         return path
     raise FileNotFoundError(
         f"Adapter {str(adapter)!r} is neither a directory nor a shipped adapter ({', '.join(SHIPPED_ADAPTERS)})."
     )
 
 
+def save_noisy_adapter(model, directory, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Write a model's noisy-scope adapter alone (docs/design.md 2.7): its config and low-rank weights, a few MB
+    instead of the whole checkpoint. ``dtype`` None keeps the weights' own (exact, for resuming training)."""
+    from safetensors.torch import save_file
+
+    spec = getattr(model.config, "noisy_adapter", None)
+    if not spec:
+        raise ValueError("This model has no noisy-scope adapter (config.noisy_adapter); add one with "
+                         "model.add_noisy_adapter() or train with adapter_scope='noisy'.")  # fmt: skip
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: p.detach().to(dtype or p.dtype).cpu().contiguous()
+               for name, p in model.named_parameters() if ".noisy_lora_" in name}  # fmt: skip
+    save_file(weights, directory / NOISY_ADAPTER_WEIGHTS)
+    (directory / NOISY_ADAPTER_CONFIG).write_text(json.dumps({**spec, "mask_token_id": model.config.mask_token_id}))
+    return directory
+
+
+def load_noisy_adapter(model, directory):
+    """Add the noisy-scope adapter saved in ``directory`` to a converted model (or load its weights into the one it
+    has). The causal path stays the source. Returns the model."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    spec = json.loads((directory / NOISY_ADAPTER_CONFIG).read_text())
+    if spec.pop("mask_token_id", model.config.mask_token_id) != model.config.mask_token_id:
+        raise ValueError(f"The noisy-scope adapter in {directory} was trained with another mask token id than this "
+                         f"model's ({model.config.mask_token_id}); convert the model as it was for training.")  # fmt: skip
+    if not getattr(model.config, "noisy_adapter", None):
+        model.add_noisy_adapter(**spec)
+    elif model.config.noisy_adapter != spec:
+        raise ValueError(f"This model has a noisy-scope adapter {model.config.noisy_adapter}; the one in {directory} "
+                         f"is {spec}.")  # fmt: skip
+    weights = load_file(directory / NOISY_ADAPTER_WEIGHTS)
+    params = {name: p for name, p in model.named_parameters() if ".noisy_lora_" in name}
+    if params.keys() != weights.keys():
+        missing, extra = sorted(params.keys() - weights.keys())[:3], sorted(weights.keys() - params.keys())[:3]
+        raise ValueError(f"{directory} does not fit this model's noisy-scope adapter (missing {missing}, "
+                         f"unexpected {extra}): was it trained on another architecture?")  # fmt: skip
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return model
+
+
 def apply_adapter(model, adapter):
-    """Merge a LoRA adapter (trained on this converted model; a directory or a shipped name such as
-    ``smollm2-bd16``) into it; returns the merged model."""
+    """Apply an adapter trained on this converted model (a directory or a shipped name such as ``smollm2-bd16``)
+    and return the model. A LoRA adapter is merged into the weights. A noisy-scope adapter stays separate and
+    gated, so the causal path remains the source."""
     from peft import PeftModel
 
     adapter = resolve_adapter(adapter)
     mask_id = getattr(model.config, "mask_token_id", None)
     if mask_id is None:
         raise ValueError("apply_adapter needs a converted model (config.mask_token_id); call convert_model first.")
+    if (adapter / NOISY_ADAPTER_CONFIG).is_file():
+        return load_noisy_adapter(model, adapter)
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning about peft's code, not
         # the user's, printed on every adapter load.

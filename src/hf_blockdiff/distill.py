@@ -84,12 +84,12 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
 @torch.no_grad()
 def ar_targets(model, tokenizer, prompts: list, max_new_tokens: int = 256, batch_size: int = 64,
                samples_per_prompt: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               max_prompt_length: int = 512, keep_unfinished: bool = True) -> Dataset:  # fmt: skip
+               max_prompt_length: int = 512, keep_unfinished: bool = True, **generate_kwargs) -> Dataset:  # fmt: skip
     """Decode every prompt autoregressively (greedy at ``temperature=0``) and return the trajectories.
 
     Columns: ``input_ids`` (prompt + generated tokens, EOS included when produced), ``labels`` (the prompt set
     to -100) and ``finished`` (whether decoding ended with EOS rather than at ``max_new_tokens``).
-    Prompts longer than ``max_prompt_length`` tokens are skipped.
+    Prompts longer than ``max_prompt_length`` tokens are skipped. ``generate_kwargs`` go to ``model.generate``.
     """
     encoded = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) if len(ids) <= max_prompt_length]
     if not encoded:
@@ -99,7 +99,7 @@ def ar_targets(model, tokenizer, prompts: list, max_new_tokens: int = 256, batch
     eos = model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or [])) | {tokenizer.eos_token_id}
     sampling = temperature > 0
-    extra = {"block_size": 1} if hasattr(model, "two_stream_hidden_states") else {}
+    extra = ({"block_size": 1} if hasattr(model, "two_stream_hidden_states") else {}) | generate_kwargs
     if sampling:
         extra |= {"do_sample": True, "temperature": temperature, "top_p": top_p}
         torch.manual_seed(seed)

@@ -5,6 +5,8 @@ Per block, a noise level ``t ~ U(eps, 1)``; each maskable position of the block 
 probability ``t``. Maskable = supervised (label != -100) and not the first token of its block; the prompt,
 padding and block-first tokens are never masked. With complementary masking (Fast-dLLM v2) a second copy masks
 exactly the maskable positions the first left clean, so every maskable token is supervised once per step.
+With ``whole_blocks`` > 0, that share of blocks gets ``t = 1`` (every maskable position masked): the block a
+drafter fills in one forward for verified decoding (docs/design.md 2.6).
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ class NoiseSampler:
     """Draws ``x_t`` for a batch; see the module docstring. Uses ``generator`` or torch's global RNG."""
 
     def __init__(
-        self, mask_token_id: int, eps: float = 1e-3, complementary: bool = False, elbo_weighting: bool = False
-    ):
+        self, mask_token_id: int, eps: float = 1e-3, complementary: bool = False, elbo_weighting: bool = False,
+        whole_blocks: float = 0.0,
+    ):  # fmt: skip
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"noise eps must be in [0, 1), got {eps}.")
+        if not 0.0 <= whole_blocks <= 1.0:
+            raise ValueError(f"The share of wholly masked blocks must be in [0, 1], got {whole_blocks}.")
+        self.whole_blocks = whole_blocks
         self.mask_token_id = mask_token_id
         self.eps = eps
         self.complementary = complementary
@@ -62,6 +68,9 @@ class NoiseSampler:
         t_blocks = self.eps + (high - self.eps) * torch.rand(
             batch, length, device=input_ids.device, generator=generator
         )
+        if self.whole_blocks:
+            whole = torch.rand(batch, length, device=input_ids.device, generator=generator) < self.whole_blocks
+            t_blocks = t_blocks.masked_fill(whole, high)
         t = torch.where(offsets >= 0, t_blocks.gather(1, blocks.clamp(min=0)), 0.0)  # context: 0
         masked = maskable & (torch.rand(t.shape, device=t.device, generator=generator) < t)
 

@@ -50,22 +50,23 @@ def attach(model: nn.Module, r: int, alpha: float, target_modules: list[str]) ->
             module.noisy_lora_B = nn.Parameter(torch.zeros(module.out_features, r, dtype=param.dtype,
                                                            device=param.device))  # fmt: skip
             module.noisy_lora_scaling = alpha / r
-            module.register_forward_hook(_hook(gate))
+            # The hook reads the gate through its module, not a closure: a deep copy of the model then gets one new
+            # gate shared by its layers and its model (a closure would keep reading the original's).
+            module.noisy_lora_gate = gate
+            module.register_forward_hook(add_gated_delta)
             adapted.append(name)
     if not adapted:
         raise ValueError(f"No linear layer matches target_modules={target_modules}.")
     return adapted
 
 
-def _hook(gate: Gate):
-    def add_gated_delta(module, inputs, output):
-        if gate.value is None:
-            return output  # a plain forward: exactly the base layer
-        x = inputs[0]
-        delta = (x.to(module.noisy_lora_A.dtype) @ module.noisy_lora_A.t()) @ module.noisy_lora_B.t()
-        return output + (gate.value * module.noisy_lora_scaling) * delta.to(output.dtype)
-
-    return add_gated_delta
+def add_gated_delta(module, inputs, output):
+    gate = module.noisy_lora_gate.value
+    if gate is None:
+        return output  # a plain forward: exactly the base layer
+    x = inputs[0]
+    delta = (x.to(module.noisy_lora_A.dtype) @ module.noisy_lora_A.t()) @ module.noisy_lora_B.t()
+    return output + (gate * module.noisy_lora_scaling) * delta.to(output.dtype)
 
 
 def set_gate(model: nn.Module, value: torch.Tensor | None):

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_torch_bf16_gpu_available, logging
 from trl import SFTConfig, SFTTrainer
 
-from .convert import convert_model
+from .convert import NOISY_ADAPTER_CONFIG, convert_model, load_noisy_adapter, save_noisy_adapter
 from .curriculum import BlockGrowthCallback
 from .noise import NoiseSampler
 
@@ -38,6 +40,10 @@ class BlockDiffusionConfig(SFTConfig):
     elbo_weighting: bool = field(default=False, metadata={"help": "Weight the diffusion loss by 1/t."})
     complementary_masking: bool = field(
         default=False, metadata={"help": "Add a second noisy copy with the complementary mask (Fast-dLLM v2)."}
+    )
+    whole_block_noise: float = field(
+        default=0.0,
+        metadata={"help": "Share of blocks masked whole (t = 1): the blocks verified decoding drafts in one forward."},
     )
     block_growth: bool = field(default=True, metadata={"help": "Grow the block size from growth_start to block_size."})
     growth_start: int = field(default=1, metadata={"help": "Block size at step 0 (1 = the AR model)."})
@@ -109,6 +115,8 @@ class BlockDiffusionConfig(SFTConfig):
                 "packing / padding_free are not supported by BlockDiffusionTrainer: the block grid and the "
                 "context-causal mask are laid out per sample. Set packing=False and padding_free=False."
             )
+        if not 0.0 <= self.whole_block_noise <= 1.0:
+            raise ValueError(f"whole_block_noise is a share of blocks, in [0, 1]; got {self.whole_block_noise}.")
         if self.adapter_scope not in ("all", "noisy"):
             raise ValueError(f"adapter_scope must be 'all' or 'noisy', got {self.adapter_scope!r}.")
         if self.fused_loss not in ("auto", "liger", "none"):
@@ -168,7 +176,8 @@ class BlockDiffusionTrainer(SFTTrainer):
                          peft_config=peft_config, callbacks=callbacks, **kwargs)  # fmt: skip
         # Losses are per-micro-batch means: let Trainer divide them by the gradient-accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self.noise = NoiseSampler(self.mask_token_id, args.noise_eps, args.complementary_masking, args.elbo_weighting)
+        self.noise = NoiseSampler(self.mask_token_id, args.noise_eps, args.complementary_masking, args.elbo_weighting,
+                                  args.whole_block_noise)  # fmt: skip
 
     # -- schedule ------------------------------------------------------------------------------------------
     @property
@@ -257,6 +266,23 @@ class BlockDiffusionTrainer(SFTTrainer):
             if values:
                 summary[f"final {key}"] = round(values[-1], 4)
         return summary
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        output_dir = output_dir or self.args.output_dir
+        if self.args.adapter_scope == "noisy" and Path(output_dir).name.startswith(PREFIX_CHECKPOINT_DIR):
+            # A checkpoint of a noisy-scope run is the adapter alone, in its training dtype so that a resume is
+            # exact: everything else is the source model, which training leaves untouched.
+            if self.args.should_save:
+                save_noisy_adapter(self.accelerator.unwrap_model(self.model), output_dir, dtype=None)
+                torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
+            return
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        if self.args.adapter_scope == "noisy" and (Path(resume_from_checkpoint) / NOISY_ADAPTER_CONFIG).is_file():
+            load_noisy_adapter(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save as ``convert_checkpoint`` does: weights, config with auto_map, code files, tokenizer, card."""
@@ -355,6 +381,11 @@ def _add_noisy_adapter(model, peft_config):
     for param in model.parameters():
         param.requires_grad_(False)
     names = model.add_noisy_adapter(**kwargs)
+    # Trainable weights in fp32, as PEFT keeps a LoRA's: AdamW's small updates vanish in bf16. Autocast still runs
+    # their matmuls in the training precision.
+    for name, param in model.named_parameters():
+        if ".noisy_lora_" in name:
+            param.data = param.data.float()
     # The mask token's embedding row stays as converted: training it means training the whole embedding matrix,
     # whose every row AdamW's weight decay would move (the causal path would leave the source). The adapter's
     # first layers see where the masks are anyway.

@@ -1,0 +1,319 @@
+"""Train a drafter that verified decoding accepts (issue 19): a noisy-scope adapter (the causal path stays the
+source, so verified output is the source's own greedy output) on the source's greedy continuations, in pieces that
+each fit one GPU call and resume bit for bit.
+
+    # once: the targets, decoded by our engine at block size 1 (= the source), EOS kept
+    python benchmarks/train_drafter.py targets --source GGUF --prompts prompts.jsonl.gz --out $OUT/targets
+    # each piece: resume from the previous piece's state (none the first time), train --minutes, write the next one
+    python benchmarks/train_drafter.py train --source GGUF --targets DIR [--state DIR] --out $OUT --minutes 6
+    # acceptance on held-out chat prompts (the benchmark's 40), against the source's own greedy output
+    python benchmarks/train_drafter.py evaluate --source GGUF --adapter DIR [--dtype float32] --out $OUT/eval.json
+
+Every file written is at most --part-mib (15) MiB, because the GPU machine sends back only small files:
+- ``targets/shard_NN.npz``: uint16 tokens of many rows with their prompt lengths;
+- ``state/state.tar.NN``: the last checkpoint (fp32 adapter, optimizer, scheduler, RNG and trainer state) as a
+  split tar, with ``state/manifest.json`` (part checksums). Pass that folder as ``--state`` to the next piece;
+- ``drafter_log.jsonl``: the run's log, one line appended per piece (keep it in benchmarks/results/).
+The bf16 adapter for ``apply_adapter`` / ``--adapter`` goes to ``--work``/adapter (for benchmarks on the same
+machine); ``train_drafter.py adapter --state DIR --out DIR`` makes it from a state anywhere, without a model.
+The learning-rate schedule and the block growth span ``--total-steps`` over all pieces, and every piece of a run
+must see the same targets (the data order resumes by position): a piece refuses targets of another size.
+The prompts come from benchmarks/drafter_prompts.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files of bounded size
+
+
+def write_targets(rows: list[tuple[list[int], int]], out: Path, part_bytes: int) -> list[Path]:
+    """``rows`` of (token ids, prompt length) as npz shards of at most ``part_bytes`` of token data."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards, start, size = [], 0, 0
+    for i, (ids, _) in enumerate(rows + [([], 0)]):
+        if i == len(rows) or (size + 2 * len(ids) > part_bytes and i > start):
+            chunk = rows[start:i]
+            path = out / f"shard_{len(shards):02d}.npz"
+            np.savez_compressed(path, tokens=np.concatenate([np.asarray(r, dtype=np.uint16) for r, _ in chunk]),
+                                lengths=np.asarray([len(r) for r, _ in chunk], dtype=np.int32),
+                                prompt=np.asarray([p for _, p in chunk], dtype=np.int32))  # fmt: skip
+            shards.append(path)
+            start, size = i, 0
+        size += 2 * len(ids)
+    return shards
+
+
+def read_targets(folder: Path) -> list[tuple[list[int], int]]:
+    rows = []
+    for path in sorted(Path(folder).glob("shard_*.npz")):
+        data = np.load(path)
+        ends = np.cumsum(data["lengths"])
+        for ids, prompt in zip(np.split(data["tokens"].astype(np.int64), ends[:-1]), data["prompt"]):
+            rows.append((ids.tolist(), int(prompt)))
+    if not rows:
+        raise FileNotFoundError(f"No shard_*.npz in {folder}: run the `targets` stage first.")
+    return rows
+
+
+def pack_state(checkpoint: Path, out: Path, part_bytes: int) -> dict:
+    """The checkpoint folder as a tar split into parts of at most ``part_bytes``, with a manifest of checksums."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(checkpoint, arcname=checkpoint.name)
+    data = buffer.getvalue()
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for n, offset in enumerate(range(0, len(data), part_bytes)):
+        chunk = data[offset : offset + part_bytes]
+        (out / f"state.tar.{n:02d}").write_bytes(chunk)
+        parts.append(hashlib.sha256(chunk).hexdigest())
+    manifest = {"checkpoint": checkpoint.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "parts": parts}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def unpack_state(state: Path, into: Path) -> Path:
+    """The checkpoint folder a :func:`pack_state` wrote, restored under ``into``; refuses damaged or missing parts."""
+    manifest = json.loads((state / "manifest.json").read_text())
+    parts = [state / f"state.tar.{n:02d}" for n in range(len(manifest["parts"]))]
+    missing = [part.name for part in parts if not part.is_file()]
+    if missing:
+        raise FileNotFoundError(f"State parts {missing} are missing from {state}: bring back every part of the piece.")
+    data = b"".join(part.read_bytes() for part in parts)
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"The state parts in {state} do not match their manifest: a part is missing or damaged.")
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return into / manifest["checkpoint"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_targets(args):
+    from hf_blockdiff import convert_model, load_source
+    from hf_blockdiff.distill import ar_targets
+
+    path = Path(args.prompts)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    lines = [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 in text
+    prompts = [line["prompt"] for line in lines][args.first_prompt :][: args.max_prompts]  # chunks across calls
+    prompts = prompts[: max(args.decode_batch, len(prompts) // args.decode_batch * args.decode_batch)]  # full batches
+    source, tok = load_source(args.source, dtype="bfloat16", device=args.device)
+    model, tok = convert_model(source, tok, block_size=1)  # block size 1 is the source, decoded by our engine
+    start = time.time()
+    data = ar_targets(model.eval(), tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.decode_batch,
+                      max_prompt_length=args.max_prompt_length, compile_step=False)  # fmt: skip
+    # (uncompiled CUDA graphs: every engine shape, one per 256 positions of length, would compile for ~40 s)
+    seconds = time.time() - start
+    rows = [
+        (ids, sum(1 for label in labels if label == -100)) for ids, labels in zip(data["input_ids"], data["labels"])
+    ]
+    shards = write_targets(rows, Path(args.out), args.part_mib * MIB)
+    new = sum(len(ids) - prompt for ids, prompt in rows)
+    info = {"prompts": len(prompts), "rows": len(rows), "finished": int(sum(data["finished"])), "new_tokens": new,
+            "seconds": round(seconds, 1), "tokens_per_s": round(new / seconds), "shards": len(shards),
+            "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    (Path(args.out) / "targets.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+
+
+def piece_clock(seconds: float):
+    """Stops the piece after ``seconds`` (or at the run's last step) and saves a checkpoint there."""
+    from transformers import TrainerCallback
+
+    class PieceClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first_step = time.time(), state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.time() - self.start > seconds or state.global_step >= state.max_steps:
+                control.should_training_stop = control.should_save = True
+
+    return PieceClock()
+
+
+def stage_train(args):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from hf_blockdiff import BlockDiffusionConfig, BlockDiffusionTrainer, convert_model, load_source
+    from hf_blockdiff.convert import save_noisy_adapter
+
+    out, work = Path(args.out), Path(args.work)
+    rows = read_targets(Path(args.targets))
+    previous = Path(args.log).read_text() if args.log and Path(args.log).is_file() else ""
+    if previous and json.loads(previous.splitlines()[-1])["rows"] != len(rows):
+        raise ValueError(f"These targets have {len(rows)} rows; the run so far trained on "
+                         f"{json.loads(previous.splitlines()[-1])['rows']}. Resume with its targets or start a new run.")  # fmt: skip
+    data = Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
+                              "labels": [[-100] * p + ids[p:] for ids, p in rows]}).shuffle(seed=0)  # fmt: skip
+    source, tok = load_source(args.source, dtype="bfloat16" if args.device == "cuda" else "float32")
+    model, tok = convert_model(source, tok, block_size=args.block_size)
+    model.set_attn_implementation(args.attn)
+    growth_sizes = max(1, (args.block_size // args.growth_start).bit_length() - 1)
+    config = BlockDiffusionConfig(
+        output_dir=str(work / "run"), max_steps=args.total_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, weight_decay=0.0,
+        bf16=args.device == "cuda", use_cpu=args.device == "cpu", logging_steps=args.logging_steps,
+        save_strategy="no", report_to=[], max_length=args.max_length, block_size=args.block_size,
+        adapter_scope="noisy", whole_block_noise=args.whole_block_noise, growth_start=args.growth_start,
+        growth_interval_steps=max(1, int(args.total_steps * args.growth_fraction / growth_sizes)),
+        certainty_loss_weight=args.certainty, dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
+    )  # fmt: skip
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
+                                    callbacks=[piece_clock(args.minutes * 60)])  # fmt: skip
+    resume = unpack_state(Path(args.state), work / "resumed") if args.state else None
+    first = trainer.state.global_step if resume is None else json.loads(
+        (resume / "trainer_state.json").read_text())["global_step"]  # fmt: skip
+    start = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.time() - start
+    checkpoint = work / "run" / f"checkpoint-{trainer.state.global_step}"
+    manifest = pack_state(checkpoint, out / "state", args.part_mib * MIB)
+    save_noisy_adapter(trainer.model, work / "adapter")
+    logs = [e for e in trainer.state.log_history if "diffusion_loss" in e and e.get("step", 0) > first]
+    tokens = trainer._total_train_tokens
+    entry = {"piece_steps": [first, trainer.state.global_step], "total_steps": args.total_steps,
+             "seconds": round(seconds, 1), "block_size": trainer.current_block_size,
+             "diffusion_loss": logs[-1]["diffusion_loss"] if logs else None,
+             "ar_loss (source, logged)": logs[-1]["ar_loss"] if logs else None,
+             "tokens_seen": int(tokens), "state_bytes": manifest["bytes"], "rows": len(rows),
+             "settings": {k: v for k, v in vars(args).items() if k not in ("stage", "state", "out", "work")},
+             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+             "curve": [{k: e[k] for k in ("step", "diffusion_loss", "block_size", "learning_rate") if k in e}
+                       for e in logs]}  # fmt: skip
+    (out / "drafter_log.jsonl").write_text(previous + json.dumps(entry) + "\n")
+    print(json.dumps({k: v for k, v in entry.items() if k != "curve"}))
+
+
+def stage_adapter(args):
+    """The bf16 adapter of a state (its checkpoint holds the fp32 training weights)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hf_blockdiff.convert import NOISY_ADAPTER_CONFIG, NOISY_ADAPTER_WEIGHTS
+
+    checkpoint, out = unpack_state(Path(args.state), Path(args.work) / "unpacked"), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = load_file(checkpoint / NOISY_ADAPTER_WEIGHTS)
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, out / NOISY_ADAPTER_WEIGHTS)
+    shutil.copy(checkpoint / NOISY_ADAPTER_CONFIG, out / NOISY_ADAPTER_CONFIG)
+    print(f"{checkpoint.name}: {len(weights)} tensors -> {out}")
+
+
+def stage_evaluate(args):
+    """Acceptance (issue 19's metric) at batch 1: per verify setting, tokens per forward, accepted drafts per block,
+    and the share of prompts whose output equals the source's greedy output (exact in fp32)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_engine import PROMPTS
+
+    from hf_blockdiff import apply_adapter, convert_model, load_source
+
+    source, tok = load_source(args.source, dtype=args.dtype, device=args.device)
+    model, tok = convert_model(source, tok, block_size=args.block_size)
+    model = apply_adapter(model, args.adapter).to(args.device).eval()
+    graph = args.device == "cuda" and not args.no_graph
+    settings = {"source (b=1)": dict(block_size=1)}
+    for b in args.eval_blocks:
+        settings[f"b={b} two-forward verify"] = dict(block_size=b, verify=True, candidates=0)
+        settings[f"b={b} one-forward verify, {args.candidates} candidates"] = dict(
+            block_size=b, verify=True, candidates=min(args.candidates, b))  # fmt: skip
+    rows, reference = [], None
+    for name, setting in settings.items():
+        outputs, tokens, forwards, blocks = [], 0, 0, 0
+        for prompt in PROMPTS[: args.num_prompts]:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"].to(args.device)  # fmt: skip
+            out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True,
+                                 use_cuda_graph=graph, **setting)  # fmt: skip
+            outputs.append(out.sequences[0, ids.shape[1] :].tolist())
+            tokens, forwards = tokens + int(out.num_generated_tokens[0]), forwards + int(out.row_forward_passes[0])
+            blocks += len(out.block_starts[0])
+        reference = reference or outputs
+        verified = setting.get("verify", False)
+        rows.append({"decoding": name, "tokens per forward": round(tokens / forwards, 3),
+                     "accepted drafts per block": round(tokens / blocks - 1, 3) if verified else None,
+                     "= source greedy": sum(a == b for a, b in zip(outputs, reference)) / len(outputs)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"adapter": str(args.adapter), "dtype": args.dtype, "prompts": args.num_prompts,
+              "new_tokens": args.new_tokens, "rows": rows}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["targets", "train", "adapter", "evaluate"])
+    parser.add_argument("--source", help="GGUF path or a packaged name ('smollm2')")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--part-mib", type=int, default=15)
+    # targets
+    parser.add_argument("--prompts", help="jsonl with a 'prompt' per line (benchmarks/drafter_prompts.py)")
+    parser.add_argument("--max-prompts", type=int)
+    parser.add_argument("--first-prompt", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-prompt-length", type=int, default=640)
+    parser.add_argument("--decode-batch", type=int, default=256, help="rows decoded together")
+    # train
+    parser.add_argument("--targets", help="the folder the targets stage wrote")
+    parser.add_argument("--state", help="the state folder the previous piece wrote (none: start the run)")
+    parser.add_argument("--log", help="the run's drafter_log.jsonl so far (this piece appends to a copy in --out)")
+    parser.add_argument("--work", default="drafter_work", help="scratch folder (checkpoints, unpacked state)")
+    parser.add_argument("--minutes", type=float, default=6.0)
+    parser.add_argument("--total-steps", type=int, default=6000)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--growth-start", type=int, default=4)
+    parser.add_argument("--growth-fraction", type=float, default=0.1, help="share of the run spent growing")
+    parser.add_argument("--whole-block-noise", type=float, default=0.5)
+    parser.add_argument("--certainty", type=float, default=0.0)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--logging-steps", type=int, default=25)
+    # evaluate
+    parser.add_argument("--adapter", help="evaluate: an adapter folder or a shipped name")
+    parser.add_argument("--dtype", default="bfloat16", help="evaluate: float32 makes '= source greedy' exact")
+    parser.add_argument("--eval-blocks", type=int, nargs="+", default=[16, 8])
+    parser.add_argument("--candidates", type=int, default=15, help="evaluate: one-forward verify's candidates")
+    parser.add_argument("--num-prompts", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--no-graph", action="store_true", help="evaluate eagerly (no capture/compile per shape)")
+    args = parser.parse_args(argv)
+    needs = {"targets": ["source", "prompts"], "train": ["source", "targets"], "adapter": ["state"],
+             "evaluate": ["source", "adapter"]}[args.stage]  # fmt: skip
+    for name in needs:
+        if not getattr(args, name):
+            parser.error(f"{args.stage} needs --{name}")
+    stages = {"targets": stage_targets, "train": stage_train, "adapter": stage_adapter, "evaluate": stage_evaluate}
+    stages[args.stage](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
