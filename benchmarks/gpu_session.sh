@@ -87,7 +87,7 @@ for step in "$@"; do case $step in
     $PY benchmarks/train_drafter.py targets --source "$GGUF" --prompts "$D/drafter_prompts.jsonl.gz" --out "$D/targets" \
       ${MAX_PROMPTS:+--max-prompts $MAX_PROMPTS} ${FIRST_PROMPT:+--first-prompt $FIRST_PROMPT} 2>&1 | tr '\r' '\n' \
       | tee "$OUT/drafter_targets.log" | grep -v "^$" | tail -6
-    cp "$D"/targets/* "$OUT/" ;;  # keep them in .carry_gpu/targets/ for later sessions
+    cp "$D"/targets/*_"$(printf %06d "${FIRST_PROMPT:-0}")"*.* "$OUT/" ;;  # this chunk; keep them in .carry_gpu/targets/
   drafter-train)  # one piece of the drafter run (MINUTES, TOTAL_STEPS); resumes from .carry_gpu/state if there.
     # Targets: .carry_gpu/targets, else this machine's from drafter-targets. The adapter stays in $HOME/work/drafter.
     log drafter train; D=$HOME/work/drafter; mkdir -p "$D"

@@ -10,7 +10,8 @@ each fit one GPU call and resume bit for bit.
     python benchmarks/train_drafter.py evaluate --source GGUF --adapter DIR [--dtype float32] --out $OUT/eval.json
 
 Every file written is at most --part-mib (15) MiB, because the GPU machine sends back only small files:
-- ``targets/shard_NN.npz``: uint16 tokens of many rows with their prompt lengths;
+- ``targets/shard_FFFFFF_NN.npz``: uint16 tokens of many rows with their prompt lengths (``FFFFFF``: the chunk's
+  first prompt, so chunks decoded in different calls, ``--first-prompt``, gather in one folder);
 - ``state/state.tar.NN``: the last checkpoint (fp32 adapter, optimizer, scheduler, RNG and trainer state) as a
   split tar, with ``state/manifest.json`` (part checksums). Pass that folder as ``--state`` to the next piece;
 - ``drafter_log.jsonl``: the run's log, one line appended per piece (keep it in benchmarks/results/).
@@ -43,17 +44,18 @@ MIB = 1 << 20
 # files of bounded size
 
 
-def write_targets(rows: list[tuple[list[int], int]], out: Path, part_bytes: int) -> list[Path]:
-    """``rows`` of (token ids, prompt length) as npz shards of at most ``part_bytes`` of token data."""
+def write_targets(rows: list[tuple[list[int], int]], out: Path, part_bytes: int, chunk: int = 0) -> list[Path]:
+    """``rows`` of (token ids, prompt length) as npz shards of at most ``part_bytes`` of token data, named after
+    their ``chunk`` (its first prompt)."""
     out.mkdir(parents=True, exist_ok=True)
     shards, start, size = [], 0, 0
     for i, (ids, _) in enumerate(rows + [([], 0)]):
         if i == len(rows) or (size + 2 * len(ids) > part_bytes and i > start):
-            chunk = rows[start:i]
-            path = out / f"shard_{len(shards):02d}.npz"
-            np.savez_compressed(path, tokens=np.concatenate([np.asarray(r, dtype=np.uint16) for r, _ in chunk]),
-                                lengths=np.asarray([len(r) for r, _ in chunk], dtype=np.int32),
-                                prompt=np.asarray([p for _, p in chunk], dtype=np.int32))  # fmt: skip
+            part = rows[start:i]
+            path = out / f"shard_{chunk:06d}_{len(shards):02d}.npz"
+            np.savez_compressed(path, tokens=np.concatenate([np.asarray(r, dtype=np.uint16) for r, _ in part]),
+                                lengths=np.asarray([len(r) for r, _ in part], dtype=np.int32),
+                                prompt=np.asarray([p for _, p in part], dtype=np.int32))  # fmt: skip
             shards.append(path)
             start, size = i, 0
         size += 2 * len(ids)
@@ -129,12 +131,12 @@ def stage_targets(args):
     rows = [
         (ids, sum(1 for label in labels if label == -100)) for ids, labels in zip(data["input_ids"], data["labels"])
     ]
-    shards = write_targets(rows, Path(args.out), args.part_mib * MIB)
+    shards = write_targets(rows, Path(args.out), args.part_mib * MIB, chunk=args.first_prompt)
     new = sum(len(ids) - prompt for ids, prompt in rows)
     info = {"prompts": len(prompts), "rows": len(rows), "finished": int(sum(data["finished"])), "new_tokens": new,
             "seconds": round(seconds, 1), "tokens_per_s": round(new / seconds), "shards": len(shards),
             "max_new_tokens": args.max_new_tokens}  # fmt: skip
-    (Path(args.out) / "targets.json").write_text(json.dumps(info, indent=1))
+    (Path(args.out) / f"targets_{args.first_prompt:06d}.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 
 

@@ -17,6 +17,9 @@ def test_targets_round_trip_through_bounded_shards(tmp_path):
     assert len(shards) > 3
     assert all(len(np.load(p)["tokens"]) * 2 <= 1000 for p in shards)
     assert read_targets(tmp_path) == rows
+    later = [([7, 8, 9], 1)]  # a chunk decoded in another call joins the same folder, after the first
+    write_targets(later, tmp_path, part_bytes=1000, chunk=60)
+    assert read_targets(tmp_path) == rows + later
     with pytest.raises(FileNotFoundError, match="targets"):
         read_targets(tmp_path / "empty")
 
