@@ -6,6 +6,14 @@ batch (same noise) before timing.
 
     python benchmarks/bench_trainer.py --source smollm2 --data wiki_train.jsonl --batch 32 --max-length 512
     python benchmarks/bench_trainer.py --source smollm2 --data wiki_train.jsonl --pack --max-length 1024
+    python benchmarks/bench_trainer.py --source smollm2 --targets TARGETS_DIR --noisy --max-length 1024
+
+``auto`` rows train in the layout the model picks (the split layout of docs/design.md 2.3 unless activations are
+checkpointed); the ``joint layout`` row forces one forward over all streams, for comparison. ``--noisy`` trains
+a noisy-scope adapter (r=16, all linear layers; the drafter of ``train_drafter.py``) instead of the weights, so
+the split layout runs the clean stream without gradient. ``--targets`` reads ``train_drafter.py targets`` shards
+instead of ``--data``: prompt plus the source's continuation, the loss on the continuation only, as the drafter
+trains.
 
 ``--pack`` concatenates the texts (EOS between them) into rows of exactly ``--max-length`` tokens: no padding and
 one shape for every step (the wiki extracts average about 110 tokens, so without it rows are short and padded to
@@ -32,13 +40,14 @@ from common import save  # noqa: E402
 
 TRL_AR = "AR SFTTrainer (sdpa)"
 COMPILED_AR = "AR compiled step (sdpa)"
-ROWS = {  # name: (attention, fused_loss); None = an AR row
+ROWS = {  # name: (attention, fused_loss, training layout); None = an AR row
     TRL_AR: None,
     COMPILED_AR: None,
-    "block diffusion (flex)": ("flex_attention", "none"),
-    "block diffusion (dense sdpa)": ("sdpa", "none"),
-    "block diffusion (flex, liger)": ("flex_attention", "liger"),
-    "block diffusion (dense sdpa, liger)": ("sdpa", "liger"),
+    "block diffusion (flex)": ("flex_attention", "none", "auto"),
+    "block diffusion (dense sdpa)": ("sdpa", "none", "auto"),
+    "block diffusion (flex, liger)": ("flex_attention", "liger", "auto"),
+    "block diffusion (dense sdpa, liger)": ("sdpa", "liger", "auto"),
+    "block diffusion (dense sdpa, liger, joint layout)": ("sdpa", "liger", "joint"),
 }
 
 
@@ -68,6 +77,12 @@ def step_timer():
 def load_data(path, tok, args):
     from datasets import Dataset
 
+    if args.targets:  # the drafter's rows, as train_drafter.py trains on them
+        from train_drafter import read_targets
+
+        rows = read_targets(Path(args.targets))
+        return Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
+                                  "labels": [[-100] * p + ids[p:] for ids, p in rows]}).shuffle(seed=0)  # fmt: skip
     texts = [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
     if not args.pack:
         return Dataset.from_dict({"text": texts})
@@ -90,15 +105,21 @@ def trainer_config(kind, args, cuda):
     return dict(output_dir=f"/tmp/bench_trainer/{kind}", max_steps=args.warmup + args.steps,
                 per_device_train_batch_size=args.batch, learning_rate=1e-5, bf16=cuda, use_cpu=not cuda,
                 logging_steps=1000, save_strategy="no", report_to=[], max_length=args.max_length,
-                dataloader_num_workers=2, seed=0)  # fmt: skip
+                dataloader_num_workers=2, seed=0, pad_to_multiple_of=args.pad_to_multiple_of or None)  # fmt: skip
 
 
 def lora_config(args):
-    if not args.lora:
+    if not (args.lora or args.noisy):
         return None
     from peft import LoraConfig
 
     return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def scope_note(args):
+    if args.noisy:
+        return "a noisy-scope adapter r=16 all-linear (block diffusion; LoRA r=16 for TRL AR)"
+    return "LoRA r=16 all-linear" if args.lora else "full fine-tuning"
 
 
 def fused_check(trainer, batch, fused_loss, cuda):
@@ -143,10 +164,13 @@ def run_trainer(kind, source, tok, data, args, cuda):
         trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=data, processing_class=tok,
                              peft_config=lora_config(args), callbacks=[timer])  # fmt: skip
     else:
-        attention, fused_loss = ROWS[kind]
+        attention, fused_loss, layout = ROWS[kind]
         model, tokenizer = convert_model(model, copy.deepcopy(tok), block_size=args.block_size)
         model.set_attn_implementation(attention)
-        config = BlockDiffusionConfig(**common, block_size=args.block_size, block_growth=False, fused_loss=fused_loss)
+        if layout != "auto":  # for comparison only: the model picks the fastest exact layout itself
+            model.training_layout = lambda: layout
+        config = BlockDiffusionConfig(**common, block_size=args.block_size, block_growth=False, fused_loss=fused_loss,
+                                      adapter_scope="noisy" if args.noisy else "all")  # fmt: skip
         trainer = BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tokenizer,
                                         peft_config=lora_config(args), callbacks=[timer])  # fmt: skip
         if fused_loss != "none":
@@ -199,19 +223,25 @@ def run_compiled_ar(source, tok, data, args, cuda):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default="smollm2")
-    parser.add_argument("--data", required=True, help="jsonl with a 'text' field")
+    parser.add_argument("--data", help="jsonl with a 'text' field")
+    parser.add_argument("--targets", help="a folder of train_drafter.py target shards, instead of --data")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--pack", action="store_true", help="rows of exactly --max-length tokens (see above)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None, help="pad batch lengths to a multiple")
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers for the trainer rows")
+    parser.add_argument("--noisy", action="store_true",
+                        help="a noisy-scope adapter (r=16, all linear layers) for the block-diffusion rows")  # fmt: skip
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                         help=f"rows to run (default all): {', '.join(ROWS)}")  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu for a dry run of the script (no flex, no liger)")
     parser.add_argument("--out", default="trainer_throughput")
     args = parser.parse_args()
+    if (args.data is None) == (args.targets is None) or (args.targets and args.pack):
+        parser.error("give --data (optionally --pack) or --targets")
     torch._dynamo.config.cache_size_limit = 64
     cuda = args.device == "cuda"
 
@@ -221,7 +251,14 @@ def main():
     data = load_data(args.data, tok, args)
     rows = []
     for kind in args.rows:
-        row = {"trainer": kind + (" LoRA" if args.lora and kind != COMPILED_AR else ""), "batch": args.batch}
+        scope = (
+            " noisy-scope adapter"
+            if args.noisy and ROWS[kind]
+            else " LoRA"
+            if args.lora and kind != COMPILED_AR
+            else ""
+        )
+        row = {"trainer": kind + scope, "batch": args.batch}
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -247,15 +284,22 @@ def main():
     columns = ["trainer", "batch", "tokens/step", "step ms", "tokens/s", "vs TRL AR", "vs compiled AR", "peak GiB",
                "memory vs TRL AR", "Δ diffusion loss", "Δ AR loss", "grad rel. diff", "error"]  # fmt: skip
     columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
-    data_note = (f"texts packed into rows of exactly {args.max_length} tokens (EOS between documents)" if args.pack
-                 else f"one text per row, truncated at {args.max_length} and padded to the longest of the batch")  # fmt: skip
+    if args.targets:
+        data_note = (f"drafter rows of {args.targets} (prompt, then the source's continuation; loss on the latter), "
+                     f"truncated at {args.max_length} and padded to the longest of the batch")  # fmt: skip
+    elif args.pack:
+        data_note = f"texts packed into rows of exactly {args.max_length} tokens (EOS between documents)"
+    else:
+        data_note = f"one text per row, truncated at {args.max_length} and padded to the longest of the batch"
+    padding = f", batch lengths padded to a multiple of {args.pad_to_multiple_of}" if args.pad_to_multiple_of else ""
     notes = (f"Source {args.source}, {'bf16' if cuda else 'fp32 on CPU'}, per-device batch {args.batch}, block size "
-             f"{args.block_size} (no growth), {'LoRA r=16 all-linear' if args.lora else 'full fine-tuning'} for the "
-             f"trainer rows; data {args.data}: {data_note}. Step time = optimizer step incl. forward/backward, median "
+             f"{args.block_size} (no growth), {scope_note(args)} for the trainer rows; data {args.data or 'targets'}: "
+             f"{data_note}{padding}. Step time = optimizer step incl. forward/backward, median "
              f"of {args.steps} after {args.warmup} warm-up steps; tokens = real (non-padding) tokens per batch. "
              "The TRL AR row is trl.SFTTrainer on the stock model (TRL's fused LM head); the compiled AR row is a "
              "minimal loop (torch.compile of the stock model, fused AdamW, bf16 autocast, full fine-tuning) over "
-             "the same batches; the two-stream layout processes 2L tokens. 'liger' rows compute both losses with "
+             "the same batches; the joint two-stream layout processes 2L tokens, the split one L plus the supervised "
+             "ones. 'liger' rows compute both losses with "
              "liger-kernel's fused linear cross-entropy; their Δ columns compare losses and gradients with the "
              "chunked path on one batch (same noise).")  # fmt: skip
     save(args.out, "Trainer throughput: block diffusion vs plain AR", rows, notes, columns)

@@ -88,6 +88,15 @@ for step in "$@"; do case $step in
       ${MAX_PROMPTS:+--max-prompts $MAX_PROMPTS} ${FIRST_PROMPT:+--first-prompt $FIRST_PROMPT} 2>&1 | tr '\r' '\n' \
       | tee "$OUT/drafter_targets.log" | grep -v "^$" | tail -6
     cp "$D"/targets/*_"$(printf %06d "${FIRST_PROMPT:-0}")"*.* "$OUT/" ;;  # this chunk; keep them in .carry_gpu/targets/
+  drafter-profile)  # issue 19: where a drafter training step's time goes; PAD (batch length multiple, 0: none)
+    log drafter profile; timeout 300 $PY benchmarks/train_drafter.py profile --source "$GGUF" --targets .carry_gpu/targets \
+      --growth-start 16 --pad-to-multiple-of "${PAD:-64}" --work "$HOME/work/profile" --out "drafter_step_profile_pad${PAD:-64}" \
+      2>&1 | tee "$OUT/drafter_profile.log" | grep "^|" | head -14; cp benchmarks/results/drafter_step_profile_pad* "$OUT/" ;;
+  bench-trainer-drafter)  # issue 19: trainer rows on the drafter's rows with its noisy-scope adapter; PAD as above
+    log trainer throughput drafter; timeout 400 $PY benchmarks/bench_trainer.py --source "$GGUF" --targets .carry_gpu/targets \
+      --noisy --max-length 1024 --warmup 5 --steps 10 --pad-to-multiple-of "${PAD:-64}" --out trainer_drafter \
+      --rows "AR SFTTrainer (sdpa)" "block diffusion (dense sdpa, liger)" "block diffusion (dense sdpa, liger, joint layout)" \
+      2>&1 | tee "$OUT/trainer_drafter.log" | grep "^|"; cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
   drafter-train)  # one piece of the drafter run (MINUTES, TOTAL_STEPS); resumes from .carry_gpu/state if there.
     # Targets: .carry_gpu/targets, else this machine's from drafter-targets. The adapter stays in $HOME/work/drafter.
     log drafter train; D=$HOME/work/drafter; mkdir -p "$D"

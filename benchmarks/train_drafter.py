@@ -7,6 +7,8 @@ each fit one GPU call and resume bit for bit.
     # each piece: resume from the previous piece's state (none the first time), train --minutes, write the next one
     python benchmarks/train_drafter.py train --source GGUF --targets DIR [--state DIR] --out $OUT --minutes 6
     # acceptance on held-out chat prompts (the benchmark's 40), against the source's own greedy output
+    # where a training step's time goes (kernels and host operations under torch.profiler)
+    python benchmarks/train_drafter.py profile --source GGUF --targets DIR --out drafter_step_profile
     python benchmarks/train_drafter.py evaluate --source GGUF --adapter DIR [--dtype float32] --out $OUT/eval.json
 
 Every file written is at most --part-mib (15) MiB, because the GPU machine sends back only small files:
@@ -155,11 +157,35 @@ def piece_clock(seconds: float):
     return PieceClock()
 
 
-def stage_train(args):
+def drafter_trainer(args, rows, output_dir: Path, callbacks):
+    """The run's trainer: a noisy-scope adapter on ``rows`` (token ids, prompt length), settings from ``args``."""
     from datasets import Dataset
     from peft import LoraConfig
 
     from hf_blockdiff import BlockDiffusionConfig, BlockDiffusionTrainer, convert_model, load_source
+
+    data = Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
+                              "labels": [[-100] * p + ids[p:] for ids, p in rows]}).shuffle(seed=0)  # fmt: skip
+    source, tok = load_source(args.source, dtype="bfloat16" if args.device == "cuda" else "float32")
+    model, tok = convert_model(source, tok, block_size=args.block_size)
+    model.set_attn_implementation(args.attn)
+    growth_sizes = max(1, (args.block_size // args.growth_start).bit_length() - 1)
+    config = BlockDiffusionConfig(
+        output_dir=str(output_dir), max_steps=args.total_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, weight_decay=0.0,
+        bf16=args.device == "cuda", use_cpu=args.device == "cpu", logging_steps=args.logging_steps,
+        save_strategy="no", report_to=[], max_length=args.max_length, block_size=args.block_size,
+        adapter_scope="noisy", whole_block_noise=args.whole_block_noise, growth_start=args.growth_start,
+        growth_interval_steps=max(1, int(args.total_steps * args.growth_fraction / growth_sizes)),
+        certainty_loss_weight=args.certainty, dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
+        pad_to_multiple_of=args.pad_to_multiple_of or None,
+    )  # fmt: skip
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
+    return BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
+                                 callbacks=callbacks)  # fmt: skip
+
+
+def stage_train(args):
     from hf_blockdiff.convert import save_noisy_adapter
 
     out, work = Path(args.out), Path(args.work)
@@ -168,24 +194,7 @@ def stage_train(args):
     if previous and json.loads(previous.splitlines()[-1])["rows"] != len(rows):
         raise ValueError(f"These targets have {len(rows)} rows; the run so far trained on "
                          f"{json.loads(previous.splitlines()[-1])['rows']}. Resume with its targets or start a new run.")  # fmt: skip
-    data = Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
-                              "labels": [[-100] * p + ids[p:] for ids, p in rows]}).shuffle(seed=0)  # fmt: skip
-    source, tok = load_source(args.source, dtype="bfloat16" if args.device == "cuda" else "float32")
-    model, tok = convert_model(source, tok, block_size=args.block_size)
-    model.set_attn_implementation(args.attn)
-    growth_sizes = max(1, (args.block_size // args.growth_start).bit_length() - 1)
-    config = BlockDiffusionConfig(
-        output_dir=str(work / "run"), max_steps=args.total_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, weight_decay=0.0,
-        bf16=args.device == "cuda", use_cpu=args.device == "cpu", logging_steps=args.logging_steps,
-        save_strategy="no", report_to=[], max_length=args.max_length, block_size=args.block_size,
-        adapter_scope="noisy", whole_block_noise=args.whole_block_noise, growth_start=args.growth_start,
-        growth_interval_steps=max(1, int(args.total_steps * args.growth_fraction / growth_sizes)),
-        certainty_loss_weight=args.certainty, dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
-    )  # fmt: skip
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
-                                    callbacks=[piece_clock(args.minutes * 60)])  # fmt: skip
+    trainer = drafter_trainer(args, rows, work / "run", [piece_clock(args.minutes * 60)])
     resume = unpack_state(Path(args.state), work / "resumed") if args.state else None
     first = trainer.state.global_step if resume is None else json.loads(
         (resume / "trainer_state.json").read_text())["global_step"]  # fmt: skip
@@ -208,6 +217,57 @@ def stage_train(args):
                        for e in logs]}  # fmt: skip
     (out / "drafter_log.jsonl").write_text(previous + json.dumps(entry) + "\n")
     print(json.dumps({k: v for k, v in entry.items() if k != "curve"}))
+
+
+def stage_profile(args):
+    """Where a training step's time goes: ``--profile-steps`` steps under torch.profiler after as many warm-up steps,
+    the step's wall time against its kernels' time, and the top kernels and host operations."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import save
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    warmup, steps = args.profile_steps, args.profile_steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    profiler = profile(activities=activities)
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == warmup:
+                synchronize(args.device)
+                self.start = time.perf_counter()
+                profiler.__enter__()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if state.global_step == warmup + steps:
+                synchronize(args.device)
+                self.seconds = time.perf_counter() - self.start
+                profiler.__exit__(None, None, None)
+                control.should_training_stop = True
+
+    window = Window()
+    args.total_steps = max(args.total_steps, warmup + steps)
+    trainer = drafter_trainer(args, read_targets(Path(args.targets)), Path(args.work) / "profile", [window])
+    trainer.train()
+    events = profiler.key_averages()
+    kernels = sorted((e for e in events if e.device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    rows = [{"what": "wall time of a step", "ms/step": 1000 * window.seconds / steps},
+            {"what": "all kernels (device time)", "ms/step": sum(e.self_device_time_total for e in events) / 1000 / steps,
+             "calls/step": sum(e.count for e in kernels) / steps}]  # fmt: skip
+    rows += [{"what": f"kernel {e.key[:80]}", "ms/step": e.self_device_time_total / 1000 / steps,
+              "calls/step": e.count / steps} for e in kernels[: args.top]]  # fmt: skip
+    rows += [{"what": f"host {e.key[:80]}", "ms/step": e.self_cpu_time_total / 1000 / steps,
+              "calls/step": e.count / steps} for e in host[: args.top]]  # fmt: skip
+    notes = (f"train_drafter.py profile: {steps} steps after {warmup} warm-up steps, batch {args.batch_size}, "
+             f"max_length {args.max_length}, block size at the start {args.growth_start}, attention {args.attn}. "
+             "Kernel rows: self device time; host rows: self CPU time of each operator.")  # fmt: skip
+    save(Path(args.out).name, "Drafter training step profile", rows, notes, ["what", "ms/step", "calls/step"])
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def stage_adapter(args):
@@ -280,7 +340,7 @@ def stage_evaluate(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["targets", "train", "adapter", "evaluate"])
+    parser.add_argument("stage", choices=["targets", "train", "adapter", "evaluate", "profile"])
     parser.add_argument("--source", help="GGUF path or a packaged name ('smollm2')")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
@@ -310,7 +370,12 @@ def main(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=64,
+                        help="batch lengths (0: the longest row); padding changes no loss, and fewer shapes spare "
+                        "cuDNN attention its per-shape graph builds")  # fmt: skip
     parser.add_argument("--logging-steps", type=int, default=25)
+    parser.add_argument("--profile-steps", type=int, default=5, help="profile: steps profiled (after as many)")
+    parser.add_argument("--top", type=int, default=20, help="profile: rows per table")
     # evaluate
     parser.add_argument("--adapter", help="evaluate: an adapter folder or a shipped name")
     parser.add_argument("--dtype", default="bfloat16", help="evaluate: float32 makes '= source greedy' exact")
@@ -321,11 +386,17 @@ def main(argv=None):
     parser.add_argument("--no-graph", action="store_true", help="evaluate eagerly (no capture/compile per shape)")
     args = parser.parse_args(argv)
     needs = {"targets": ["source", "prompts"], "train": ["source", "targets"], "adapter": ["state"],
-             "evaluate": ["source", "adapter"]}[args.stage]  # fmt: skip
+             "evaluate": ["source", "adapter"], "profile": ["source", "targets"]}[args.stage]  # fmt: skip
     for name in needs:
         if not getattr(args, name):
             parser.error(f"{args.stage} needs --{name}")
-    stages = {"targets": stage_targets, "train": stage_train, "adapter": stage_adapter, "evaluate": stage_evaluate}
+    stages = {
+        "targets": stage_targets,
+        "train": stage_train,
+        "adapter": stage_adapter,
+        "evaluate": stage_evaluate,
+        "profile": stage_profile,
+    }
     stages[args.stage](args)
 
 

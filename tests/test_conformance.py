@@ -228,3 +228,48 @@ def test_padding_to_a_multiple_of_the_block_size_changes_nothing(arch):
     for padded in results[1:]:
         for got, expected in zip(padded, results[0]):
             torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+@pytest.mark.parametrize("scope", ["full", "noisy"])
+def test_split_layout_equals_joint_layout(arch, backend, scope):
+    """The split training layout (clean stream first as a prefix cache, then only the noisy copies of the
+    supervised runs) gives the joint layout's losses and gradients: full fine-tuning, and a noisy-scope adapter
+    whose clean stream then runs without gradient. Two noisy copies (complementary masking), multi-turn rows,
+    left and right padding, sliding windows."""
+    _, model, _ = converted_pair(arch, backend, block_size=BLOCK)
+    ids, am, labels, noisy, pos = layout(model.config.mask_token_id, seed=4)
+    second = ids.masked_fill(noisy == ids, model.config.mask_token_id).where(labels != -100, ids)
+    noisy = torch.stack([noisy, second], dim=1)
+    if scope == "noisy":
+        model.add_noisy_adapter(r=4, alpha=8)
+        for name, param in model.named_parameters():
+            param.requires_grad_("noisy_lora_" in name)
+            if name.endswith("noisy_lora_B"):
+                torch.nn.init.normal_(param, std=0.2)  # B = 0 would make the noisy copies the plain model's
+    assert model.clean_stream_needs_grad() == (scope == "full")
+    model.train()  # dropout is 0 in the tiny configs; training mode is where the layout is chosen
+    assert model.training_layout() == ("joint" if backend == "flex_attention" else "split")
+    weights = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for layout_name in ("joint", "split"):
+        model.training_layout = lambda name=layout_name: name
+        out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels,
+                    block_size=BLOCK, fused_loss="none")  # fmt: skip
+        grads = torch.autograd.grad(out.loss, weights, allow_unused=True)
+        results[layout_name] = [out.loss, out.diffusion_loss, out.ar_loss, out.num_masked_tokens]
+        results[layout_name] += [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+    assert results["joint"][3] > 0
+    assert any(g.abs().sum() > 0 for g in results["joint"][4:])
+    for split, joint in zip(results["split"], results["joint"]):
+        torch.testing.assert_close(split, joint, rtol=TOL, atol=TOL)
+
+
+def test_checkpointed_training_uses_the_joint_layout():
+    """transformers drops a checkpointed layer's cache, so the split layout would lose its prefix."""
+    _, model, _ = converted_pair("llama", block_size=BLOCK)
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert model.training_layout() == "joint"
+    with torch.no_grad():
+        assert model.training_layout() == "split"

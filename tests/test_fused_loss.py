@@ -216,8 +216,9 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_training_step_reads_nothing_back_but_the_row_selection(fake_liger, fused, tmp_path):
-    """Noise, forward, losses, metrics and backward of one trainer step: the host waits for the device only at the
-    two `nonzero`s that gather the diffusion and AR rows (liger-kernel itself reads a count on top)."""
+    """Noise, forward, losses, metrics and backward of one trainer step: the host waits for the device only for the
+    split layout's noisy-stream length and at the two `nonzero`s that gather the diffusion and AR rows
+    (liger-kernel itself reads a count on top)."""
     from datasets import Dataset
 
     from hf_blockdiff import BlockDiffusionConfig, BlockDiffusionTrainer
@@ -235,7 +236,8 @@ def test_training_step_reads_nothing_back_but_the_row_selection(fake_liger, fuse
         loss = trainer.compute_loss(model, inputs)
         loss.backward()
     # The stand-in's range check reads one flag per call, where liger-kernel reads its count of targets.
-    assert reads.ops == ["nonzero", "nonzero"] + ["_local_scalar_dense"] * len(fake_liger)
+    assert model.training_layout() == "split"
+    assert reads.ops == ["_local_scalar_dense", "nonzero", "nonzero"] + ["_local_scalar_dense"] * len(fake_liger)
     assert len(fake_liger) == (2 if fused else 0)
     trainer.log({})  # the metrics left on the device are read here, once per logging window
     assert isinstance(trainer.state.log_history[-1]["diffusion_loss"], float)

@@ -407,7 +407,8 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
-           policy.use_cuda_graph, policy.compile_step, candidates, structure_of((rule, sampling)), hash(weights))  # fmt: skip
+           policy.use_cuda_graph, policy.compile_step, candidates, structure_of((rule, sampling)), hash(weights),
+           DecodeEngine.grouped_sdpa)  # fmt: skip
     holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
     engine = holder.engine
     if engine is not None and engine.key == key:

@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.utils import logging
 
+from .attention import grouped_attention
 from .compat import cache_argument
 from .decoding import COMMIT, DENOISE, IDLE, Denoising, DraftVerify, StepInputs, StepOutput, VerifyAhead
 from .masks import decode_meta
@@ -139,6 +140,12 @@ class DecodeEngine:
             of the causal token there (the draft's runner-up at the position the causal model may reject), used
             when the guess is right.
     """
+
+    # Whether an sdpa model's forwards run on grouped query heads (attention.py): transformers' sdpa path copies the
+    # whole KV cache once per query group whenever a mask is passed, and every forward here has one. The same numbers
+    # either way. False (on the class, or on one engine before its first step: a captured graph keeps its path)
+    # measures the stock path (benchmarks/bench_engine.py --stock-sdpa); generate() builds a new engine for it.
+    grouped_sdpa = True
 
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
@@ -298,12 +305,15 @@ class DecodeEngine:
         self.events.copy_(fields if rows is None else torch.where(rows.unsqueeze(1), fields, self.events))
 
     def _run_step(self):
-        if self._use_graph and self._graph is None:
-            self._capture()
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self._step_body()
+        # The attention switch wraps the step, outside the compiled body: the model's config is sdpa again for
+        # anything else that runs it (training, a plain forward), and compiled code sees one value throughout.
+        with grouped_attention(self.model.config, self.grouped_sdpa):
+            if self._use_graph and self._graph is None:
+                self._capture()
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step_body()
 
     def _capture(self):
         saved = None
@@ -388,7 +398,8 @@ class DecodeEngine:
             ids[i, : len(prompt)] = torch.tensor(prompt, device=dev)
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
         zero = torch.zeros(n, dtype=torch.long, device=dev)
-        hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows)
+        with grouped_attention(self.model.config, self.grouped_sdpa):
+            hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows)
         last = self.model.logits_from_hidden(hidden[torch.arange(n, device=dev), lengths - 1]).unsqueeze(1)
         if not torch.isfinite(last.amax(-1)).all():  # amax keeps NaN and +inf; once per prefill, not per token
             raise FloatingPointError("The model's logits are NaN or infinite (NaN/inf weights, or a dtype that "

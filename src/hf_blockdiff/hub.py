@@ -25,6 +25,7 @@ PORTABLE_FILES = (
     "settings.py",
     "noisy_adapter.py",
     "compat.py",
+    "attention.py",
 )
 REQUIRED_FILES = ("config.json", "generation_config.json", "README.md", *PORTABLE_FILES)
 

@@ -1,7 +1,7 @@
 # Copyright 2026 The hf_blockdiff authors. Apache-2.0.
 """Context-causal attention masks (docs/design.md 2.1, 2.3): the one module that owns them.
 
-Hub-portable: imports only torch and transformers.
+Hub-portable: imports only torch, transformers and its sibling files.
 
 Every mask is described by per-token metadata and one rule, :func:`context_causal_rule`. The boolean mask
 for sdpa, the additive float mask for eager and the flex-attention ``BlockMask`` are all evaluated from that
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import GROUPED_SDPA
+
 CLEAN = -1
 IGNORE_INDEX = -100
 
@@ -39,6 +41,8 @@ MASKABLE_BACKENDS = ("sdpa", "eager", "flex_attention")
 def attention_backend(config) -> str:
     """The model's attention implementation, or a clear error when it cannot take our mask."""
     impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == GROUPED_SDPA:  # sdpa with grouped query heads (attention.py): the same bool masks
+        return "sdpa"
     if impl in MASKABLE_BACKENDS:
         return impl
     hint = (
@@ -76,6 +80,9 @@ def layer_windows(config, per_layer_type: bool) -> dict[str | None, int | None]:
     return windows
 
 
+TOKEN_FIELDS = ("stream", "block", "position", "valid")
+
+
 @dataclass
 class TokenMeta:
     """Per-token metadata of the key sequence, each ``(batch, kv_len)``. See the module docstring."""
@@ -95,6 +102,10 @@ class TokenMeta:
             return torch.nn.functional.pad(t, (0, extra), value=value)
 
         return TokenMeta(pad(self.stream, CLEAN), pad(self.block, 0), pad(self.position, 0), pad(self.valid, False))
+
+    def followed_by(self, other: TokenMeta) -> TokenMeta:
+        """The key sequence of these tokens, then ``other``'s."""
+        return TokenMeta(*(torch.cat([getattr(self, f), getattr(other, f)], dim=1) for f in TOKEN_FIELDS))
 
 
 def context_causal_rule(meta: TokenMeta, q_offset, window: int | None):

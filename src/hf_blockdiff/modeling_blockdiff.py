@@ -25,12 +25,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .compat import cache_argument, pop_cache
 from .denoise import generate_blocks
-from .masks import IGNORE_INDEX, block_grid, positions_from_padding, render_masks, training_meta
+from .masks import (
+    IGNORE_INDEX,
+    TokenMeta,
+    attention_backend,
+    block_grid,
+    positions_from_padding,
+    render_masks,
+    training_meta,
+)
 from .noisy_adapter import attach, has_adapter, set_gate
 
 logger = logging.get_logger(__name__)
@@ -45,6 +54,9 @@ FUSED_LOSS_DEVICES = ("cuda",)
 # From 0.8.2 on, reduction="none" gets per-token gradients right (earlier releases scale every row by the first).
 LIGER_MIN_VERSION = (0, 8, 2)
 
+# The split training layout's noisy stream is padded to a multiple of this many tokens, so that batches of different
+# lengths share attention shapes (cuDNN's attention builds a graph per shape, hundreds of ms each).
+NOISY_WIDTH_MULTIPLE = 64
 # The linear layers a noisy-scope adapter adapts by default (attention and MLP projections of the supported archs).
 NOISY_ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                          "gate_up_proj")  # fmt: skip
@@ -68,6 +80,35 @@ def _liger_cross_entropy():
             logger.info(f"liger-kernel is not used: {type(error).__name__}: {error}")
         _liger.append(function)
     return _liger[0]
+
+
+class PrefixCache(Cache):
+    """The clean stream's keys and values, as the split training layout's noisy stream reads them.
+
+    While recording (the clean forward) every layer's keys and values are kept and returned as they are. Once
+    ``frozen`` (the noisy forward), a layer gets the prefix followed by its own keys and values, and nothing is
+    stored: a recomputation (activation checkpointing of the loss) reads the same prefix again.
+    """
+
+    def __init__(self):
+        super().__init__(layers=[])
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.frozen = False
+
+    def __len__(self):
+        return len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly; nothing may derive them from the cache
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            self.keys.append(key_states)
+            self.values.append(value_states)
+            return key_states, value_states
+        return (torch.cat([self.keys[layer_idx], key_states], dim=2),
+                torch.cat([self.values[layer_idx], value_states], dim=2))  # fmt: skip
 
 
 @dataclass
@@ -216,11 +257,22 @@ class BlockDiffusionMixin:
             **kwargs,
         )  # fmt: skip
 
-    def two_stream_hidden_states(self, clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs):
+    def two_stream_hidden_states(self, clean, noisy, attention_mask, position_ids, labels, block_size,
+                                 layout="joint", **kwargs):  # fmt: skip
         """Final hidden states of the layout ``[x_t^1; ..; x_t^S; x]``, shaped ``(batch, S + 1, length, hidden)``,
-        and each token's offset in its block (0 = block-first, -1 = context). Inputs as in ``forward``."""
+        and each token's offset in its block (0 = block-first, -1 = context). Inputs as in ``forward``.
+
+        ``layout="joint"`` runs one forward over all ``S + 1`` streams. ``"split"`` runs the clean stream first,
+        keeping its keys and values as a prefix cache (without gradient where no trainable weight acts on it),
+        then only the noisy copies of the supervised runs against it (docs/design.md 2.3): the same attention, so
+        the same losses, without the noisy copies of the context, which no loss reads and no other token attends
+        to. Those rows are zero in its output."""
         batch, copies, length = noisy.shape
         blocks, offsets = block_grid(block_size, attention_mask, labels)
+        if layout == "split":
+            return self._split_hidden_states(clean, noisy, attention_mask, position_ids, blocks, offsets, **kwargs)
+        if layout != "joint":
+            raise ValueError(f"layout must be 'joint' or 'split', got {layout!r}.")
         meta = training_meta(blocks, position_ids, attention_mask, copies)
         # The noisy-scope adapter acts on the noisy copies only. The gate stays set after this forward: activation
         # checkpointing recomputes the layers during backward (every forward entry point sets it anew).
@@ -235,6 +287,72 @@ class BlockDiffusionMixin:
             **kwargs,
         ).last_hidden_state
         return hidden.view(batch, copies + 1, length, -1), offsets
+
+    def _split_hidden_states(self, clean, noisy, attention_mask, position_ids, blocks, offsets, **kwargs):
+        batch, copies, length = noisy.shape
+        cache_arg = cache_argument(type(self.model).forward)
+        clean_meta = training_meta(blocks, position_ids, attention_mask, 0)
+        prefix = PrefixCache()
+        set_gate(self, None)  # the clean stream is the source model
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.clean_stream_needs_grad()):
+            clean_hidden = self.model(
+                input_ids=clean,
+                attention_mask=self.block_diffusion_masks(clean_meta, 0, length),
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_arg: prefix},
+                **kwargs,
+            ).last_hidden_state
+        # Each row's block tokens (offset >= 0) first, in order, then the rest: the first `width` columns hold them.
+        in_blocks = offsets >= 0
+        width = int(in_blocks.sum(1).max()) if copies else 0  # one host read: the noisy stream's length
+        # Rounded up (the extra columns are invalid keys): attention kernels such as cuDNN's build a plan per shape.
+        width = min(length, -(-width // NOISY_WIDTH_MULTIPLE) * NOISY_WIDTH_MULTIPLE)
+        if not width:  # block size 1, or nothing supervised: the clean stream is all there is
+            placed = clean_hidden.new_zeros(batch, copies, length, clean_hidden.shape[-1])
+            return torch.cat([placed, clean_hidden.unsqueeze(1)], dim=1), offsets
+        index = torch.arange(length, device=clean.device)
+        order = (index + length * (~in_blocks).long()).argsort(dim=1)[:, :width]
+        noisy_meta = TokenMeta(
+            stream=torch.arange(copies, device=clean.device).repeat_interleave(width).expand(batch, -1),
+            block=blocks.gather(1, order).repeat(1, copies),
+            position=position_ids.gather(1, order).repeat(1, copies),
+            valid=in_blocks.gather(1, order).repeat(1, copies),
+        )
+        meta = clean_meta.followed_by(noisy_meta)
+        prefix.frozen = True
+        if has_adapter(self):  # every query of this forward is a noisy one; kept set for checkpointed recomputes
+            set_gate(self, 1.0)
+        columns = order.unsqueeze(1).expand(-1, copies, -1)
+        noisy_hidden = self.model(
+            input_ids=noisy.gather(2, columns).reshape(batch, copies * width),
+            attention_mask=self.block_diffusion_masks(meta, length, copies * width),
+            position_ids=noisy_meta.position,
+            use_cache=True,
+            **{cache_arg: prefix},
+            **kwargs,
+        ).last_hidden_state
+        # Back to positions (the losses pick their rows by position); `order` is a permutation, so no two columns
+        # land on one position, and the columns past a row's block tokens land on context rows no loss reads.
+        hidden_size = noisy_hidden.shape[-1]
+        placed = noisy_hidden.new_zeros(batch, copies, length, hidden_size).scatter(
+            2, columns.unsqueeze(-1).expand(-1, -1, -1, hidden_size), noisy_hidden.view(batch, copies, width, -1)
+        )
+        return torch.cat([placed, clean_hidden.unsqueeze(1).to(placed.dtype)], dim=1), offsets
+
+    def clean_stream_needs_grad(self) -> bool:
+        """Whether a trainable weight acts on the clean stream: any but a noisy-scope adapter's (gated off there)."""
+        return any(p.requires_grad for name, p in self.named_parameters() if "noisy_lora_" not in name)
+
+    def training_layout(self) -> str:
+        """``'split'`` where it computes what ``'joint'`` does, else ``'joint'``: transformers drops the cache of a
+        layer whose activations are checkpointed, and the noisy stream would lose its prefix. Flex attention keeps
+        the joint layout too: its CPU kernel does not compile for queries shorter than their keys under a sliding
+        window (torch 2.13), and the split one is not measured with it on CUDA."""
+        checkpointed = self.training and torch.is_grad_enabled() and any(
+            getattr(module, "gradient_checkpointing", False) for module in self.modules()
+        )  # fmt: skip
+        return "joint" if checkpointed or attention_backend(self.config) == "flex_attention" else "split"
 
     def _two_stream_forward(
         self, clean, noisy, attention_mask, position_ids, labels, block_size, ar_loss_weight, weights,
@@ -257,7 +375,7 @@ class BlockDiffusionMixin:
             position_ids = positions_from_padding(attention_mask)
 
         hidden, offsets = self.two_stream_hidden_states(
-            clean, noisy, attention_mask, position_ids, labels, block_size, **kwargs
+            clean, noisy, attention_mask, position_ids, labels, block_size, self.training_layout(), **kwargs
         )
         streams = copies + 1
         targets = labels[:, 1:]  # position j-1 predicts token j

@@ -21,15 +21,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GATE_ATTRIBUTE = "_noisy_adapter_gate"
 
 
 class Gate:
-    """Where the adapter is on: ``value`` broadcasts against a layer's output (``(batch, seq, 1)``); None = off."""
+    """Where the adapter is on: ``value`` broadcasts against a layer's output (``(batch, seq, 1)``), a float where it
+    is on at every position alike (``1.0``); None = off."""
 
-    value: torch.Tensor | None = None
+    value: torch.Tensor | float | None = None
 
 
 def attach(model: nn.Module, r: int, alpha: float, target_modules: list[str]) -> list[str]:
@@ -64,17 +66,23 @@ def add_gated_delta(module, inputs, output):
     gate = module.noisy_lora_gate.value
     if gate is None:
         return output  # a plain forward: exactly the base layer
-    x = inputs[0]
-    delta = (x.to(module.noisy_lora_A.dtype) @ module.noisy_lora_A.t()) @ module.noisy_lora_B.t()
-    return output + (gate * module.noisy_lora_scaling) * delta.to(output.dtype)
+    x, a, b = inputs[0], module.noisy_lora_A, module.noisy_lora_B
+    # Under autocast the matmuls cast the small weights; otherwise they take the activations' dtype. Casting the
+    # activations instead would copy every adapted layer's input (and output) once more.
+    if not torch.is_autocast_enabled(x.device.type):
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    delta = F.linear(F.linear(x, a), b).to(output.dtype)
+    if isinstance(gate, float):  # on everywhere (the split training layout's noisy stream): one fused add
+        return torch.add(output, delta, alpha=gate * module.noisy_lora_scaling)
+    return torch.addcmul(output, delta, gate * module.noisy_lora_scaling)
 
 
-def set_gate(model: nn.Module, value: torch.Tensor | None):
-    """Turn the adapter on where ``value`` is 1 (``(batch, seq)`` or broadcastable), off everywhere for None. A no-op
-    for models without the adapter."""
+def set_gate(model: nn.Module, value: torch.Tensor | float | None):
+    """Turn the adapter on where ``value`` is 1 (``(batch, seq)`` or broadcastable), everywhere for a float ``1.0``,
+    off everywhere for None. A no-op for models without the adapter."""
     gate = getattr(model, GATE_ATTRIBUTE, None)
     if gate is not None:
-        gate.value = None if value is None else value.unsqueeze(-1)
+        gate.value = value if value is None or isinstance(value, float) else value.unsqueeze(-1)
 
 
 def has_adapter(model: nn.Module) -> bool:
