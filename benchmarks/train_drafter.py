@@ -287,9 +287,9 @@ def stage_adapter(args):
 
 
 def stage_evaluate(args):
-    """Acceptance (issue 19's metric) at batch 1: per verify setting, tokens per forward, accepted drafts per block,
-    and the share of prompts whose output equals the source's greedy output and the adapted model's own block size
-    1 (for a noisy-scope adapter the two are one; exact in fp32)."""
+    """Acceptance (issue 19's metric), at batch 1 unless --eval-batch: per verify setting, tokens per forward,
+    accepted drafts per block, and the share of prompts whose output equals the source's greedy output and the
+    adapted model's own block size 1 (for a noisy-scope adapter the two are one; exact in fp32)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_engine import PROMPTS
 
@@ -300,17 +300,24 @@ def stage_evaluate(args):
     model = model.to(args.device).eval()
     graph = args.device == "cuda" and not args.no_graph
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)["input_ids"].to(args.device)
-               for p in PROMPTS[: args.num_prompts]]  # fmt: skip
+                                       return_dict=True)["input_ids"] for p in PROMPTS[: args.num_prompts]]  # fmt: skip
 
     def decode(setting):
+        # A batch gives each row what it gives alone (design 2.5), and `candidates` set explicitly keeps the plan,
+        # so --eval-batch only changes how long this takes (exactly so in fp32).
         outputs, tokens, forwards, blocks = [], 0, 0, 0
-        for ids in prompts:
-            out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True,
-                                 use_cuda_graph=graph, **setting)  # fmt: skip
-            outputs.append(out.sequences[0, ids.shape[1] :].tolist())
-            tokens, forwards = tokens + int(out.num_generated_tokens[0]), forwards + int(out.row_forward_passes[0])
-            blocks += len(out.block_starts[0])
+        for start in range(0, len(prompts), args.eval_batch):
+            group = prompts[start : start + args.eval_batch]
+            width = max(map(len, group))
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in group], device=args.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=args.device)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
+                                 return_dict_in_generate=True, use_cuda_graph=graph, **setting)  # fmt: skip
+            for row in range(len(group)):
+                generated = int(out.num_generated_tokens[row])
+                outputs.append(out.sequences[row, width : width + generated].tolist())
+                tokens, forwards = tokens + generated, forwards + int(out.row_forward_passes[row])
+                blocks += len(out.block_starts[row])
         return outputs, tokens, forwards, blocks
 
     def share(outputs, reference):
@@ -384,6 +391,7 @@ def main(argv=None):
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-graph", action="store_true", help="evaluate eagerly (no capture/compile per shape)")
+    parser.add_argument("--eval-batch", type=int, default=1, help="evaluate: prompts decoded together (left-padded)")
     args = parser.parse_args(argv)
     needs = {"targets": ["source", "prompts"], "train": ["source", "targets"], "adapter": ["state"],
              "evaluate": ["source", "adapter"], "profile": ["source", "targets"]}[args.stage]  # fmt: skip
