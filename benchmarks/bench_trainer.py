@@ -40,14 +40,15 @@ from common import save  # noqa: E402
 
 TRL_AR = "AR SFTTrainer (sdpa)"
 COMPILED_AR = "AR compiled step (sdpa)"
-ROWS = {  # name: (attention, fused_loss, training layout); None = an AR row
+ROWS = {  # name: (attention, fused_loss, training layout, torch_compile); None = an AR row
     TRL_AR: None,
     COMPILED_AR: None,
-    "block diffusion (flex)": ("flex_attention", "none", "auto"),
-    "block diffusion (dense sdpa)": ("sdpa", "none", "auto"),
-    "block diffusion (flex, liger)": ("flex_attention", "liger", "auto"),
-    "block diffusion (dense sdpa, liger)": ("sdpa", "liger", "auto"),
-    "block diffusion (dense sdpa, liger, joint layout)": ("sdpa", "liger", "joint"),
+    "block diffusion (flex)": ("flex_attention", "none", "auto", False),
+    "block diffusion (dense sdpa)": ("sdpa", "none", "auto", False),
+    "block diffusion (flex, liger)": ("flex_attention", "liger", "auto", False),
+    "block diffusion (dense sdpa, liger)": ("sdpa", "liger", "auto", False),
+    "block diffusion (dense sdpa, liger, joint layout)": ("sdpa", "liger", "joint", False),
+    "block diffusion (dense sdpa, liger, compiled layers)": ("sdpa", "liger", "auto", True),
 }
 
 
@@ -105,7 +106,8 @@ def trainer_config(kind, args, cuda):
     return dict(output_dir=f"/tmp/bench_trainer/{kind}", max_steps=args.warmup + args.steps,
                 per_device_train_batch_size=args.batch, learning_rate=1e-5, bf16=cuda, use_cpu=not cuda,
                 logging_steps=1000, save_strategy="no", report_to=[], max_length=args.max_length,
-                dataloader_num_workers=2, seed=0, pad_to_multiple_of=args.pad_to_multiple_of or None)  # fmt: skip
+                dataloader_num_workers=2, seed=0, pad_to_multiple_of=args.pad_to_multiple_of or None,
+                gradient_checkpointing=False)  # TRL's default is on; every row here runs without  # fmt: skip
 
 
 def lora_config(args):
@@ -164,13 +166,14 @@ def run_trainer(kind, source, tok, data, args, cuda):
         trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=data, processing_class=tok,
                              peft_config=lora_config(args), callbacks=[timer])  # fmt: skip
     else:
-        attention, fused_loss, layout = ROWS[kind]
+        attention, fused_loss, layout, compiled = ROWS[kind]
+        torch._dynamo.reset()  # each compiled row compiles its own layers, within dynamo's recompile budget
         model, tokenizer = convert_model(model, copy.deepcopy(tok), block_size=args.block_size)
         model.set_attn_implementation(attention)
         if layout != "auto":  # for comparison only: the model picks the fastest exact layout itself
             model.training_layout = lambda: layout
         config = BlockDiffusionConfig(**common, block_size=args.block_size, block_growth=False, fused_loss=fused_loss,
-                                      adapter_scope="noisy" if args.noisy else "all")  # fmt: skip
+                                      adapter_scope="noisy" if args.noisy else "all", torch_compile=compiled)  # fmt: skip
         trainer = BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tokenizer,
                                         peft_config=lora_config(args), callbacks=[timer])  # fmt: skip
         if fused_loss != "none":
@@ -225,7 +228,7 @@ def main():
     parser.add_argument("--source", default="smollm2")
     parser.add_argument("--data", help="jsonl with a 'text' field")
     parser.add_argument("--targets", help="a folder of train_drafter.py target shards, instead of --data")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="per-device batch sizes (each row at each)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=8)
@@ -237,6 +240,8 @@ def main():
                         help="a noisy-scope adapter (r=16, all linear layers) for the block-diffusion rows")  # fmt: skip
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                         help=f"rows to run (default all): {', '.join(ROWS)}")  # fmt: skip
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep sdpa off its cuDNN kernel (which builds a plan per shape)")  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu for a dry run of the script (no flex, no liger)")
     parser.add_argument("--out", default="trainer_throughput")
     args = parser.parse_args()
@@ -244,13 +249,17 @@ def main():
         parser.error("give --data (optionally --pack) or --targets")
     torch._dynamo.config.cache_size_limit = 64
     cuda = args.device == "cuda"
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    batches = args.batch
+    args.batch = max(batches)  # --pack reads rows for the largest
 
     from hf_blockdiff import load_source
 
     source, tok = load_source(args.source, dtype="bfloat16" if cuda else "float32", device=args.device)
     data = load_data(args.data, tok, args)
     rows = []
-    for kind in args.rows:
+    for kind, args.batch in [(kind, batch) for kind in args.rows for batch in batches]:
         scope = (
             " noisy-scope adapter"
             if args.noisy and ROWS[kind]
@@ -273,13 +282,17 @@ def main():
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
         gc.collect()
         rows.append(row)
-    baselines = {name: next((r for r in rows if r["trainer"].startswith(name) and "tokens/s" in r), None)
-                 for name in (TRL_AR, COMPILED_AR)}  # fmt: skip
+        print(json.dumps(row), flush=True)  # a run cut short by its time limit keeps the rows so far in its log
+
+    def baseline(name, batch):  # the AR row of the same batch, else of the first batch that has one
+        found = [r for r in rows if r["trainer"].startswith(name) and "tokens/s" in r]
+        return next((r for r in found if r["batch"] == batch), found[0] if found else None)
+
     for row in rows:
         for name, column in ((TRL_AR, "vs TRL AR"), (COMPILED_AR, "vs compiled AR")):
-            base = baselines[name]
+            base = baseline(name, row["batch"])
             row[column] = row["tokens/s"] / base["tokens/s"] if base and "tokens/s" in row else None
-        base = baselines[TRL_AR]
+        base = baseline(TRL_AR, row["batch"])
         row["memory vs TRL AR"] = row["peak GiB"] / base["peak GiB"] if base and row.get("peak GiB") else None
     columns = ["trainer", "batch", "tokens/step", "step ms", "tokens/s", "vs TRL AR", "vs compiled AR", "peak GiB",
                "memory vs TRL AR", "Δ diffusion loss", "Δ AR loss", "grad rel. diff", "error"]  # fmt: skip
@@ -292,15 +305,17 @@ def main():
     else:
         data_note = f"one text per row, truncated at {args.max_length} and padded to the longest of the batch"
     padding = f", batch lengths padded to a multiple of {args.pad_to_multiple_of}" if args.pad_to_multiple_of else ""
-    notes = (f"Source {args.source}, {'bf16' if cuda else 'fp32 on CPU'}, per-device batch {args.batch}, block size "
+    cudnn = ", sdpa kept off cuDNN" if args.no_cudnn_attention else ""
+    notes = (f"Source {args.source}, {'bf16' if cuda else 'fp32 on CPU'}{cudnn}, per-device batch as listed, block size "
              f"{args.block_size} (no growth), {scope_note(args)} for the trainer rows; data {args.data or 'targets'}: "
              f"{data_note}{padding}. Step time = optimizer step incl. forward/backward, median "
              f"of {args.steps} after {args.warmup} warm-up steps; tokens = real (non-padding) tokens per batch. "
-             "The TRL AR row is trl.SFTTrainer on the stock model (TRL's fused LM head); the compiled AR row is a "
+             "No row checkpoints activations (TRL's SFTConfig would by default). The TRL AR row is trl.SFTTrainer on the stock model (TRL's fused LM head); the compiled AR row is a "
              "minimal loop (torch.compile of the stock model, fused AdamW, bf16 autocast, full fine-tuning) over "
              "the same batches; the joint two-stream layout processes 2L tokens, the split one L plus the supervised "
              "ones. 'liger' rows compute both losses with "
-             "liger-kernel's fused linear cross-entropy; their Δ columns compare losses and gradients with the "
+             "liger-kernel's fused linear cross-entropy; 'compiled layers' rows set torch_compile=True (each decoder "
+             "layer compiled in place by inductor; the first steps compile); their Δ columns compare losses and gradients with the "
              "chunked path on one batch (same noise).")  # fmt: skip
     save(args.out, "Trainer throughput: block diffusion vs plain AR", rows, notes, columns)
 

@@ -22,7 +22,7 @@ for step in "$@"; do case $step in
     [ -f "$GGUF" ] && sha256sum "$GGUF" ;;
   tests-fp32)
     log tests fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider \
-      tests/test_conformance.py tests/test_masks.py tests/test_generate.py 2>&1 | tail -15 | tee "$OUT/tests_cuda_fp32.txt" ;;
+      tests/test_conformance.py tests/test_masks.py tests/test_generate.py tests/test_attention.py 2>&1 | tee "$OUT/tests_cuda_fp32.log" | tail -15 ;;  # whole log even if cut short
   tests-flex)
     log tests flex fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider --tb=short -x \
       tests/test_conformance.py tests/test_generate.py -k flex_attention 2>&1 | tail -40 | tee "$OUT/tests_cuda_flex_fp32.txt" ;;
@@ -92,11 +92,13 @@ for step in "$@"; do case $step in
     log drafter profile; timeout 300 $PY benchmarks/train_drafter.py profile --source "$GGUF" --targets .carry_gpu/targets \
       --growth-start 16 --pad-to-multiple-of "${PAD:-64}" --work "$HOME/work/profile" --out "drafter_step_profile_pad${PAD:-64}" \
       2>&1 | tee "$OUT/drafter_profile.log" | grep "^|" | head -14; cp benchmarks/results/drafter_step_profile_pad* "$OUT/" ;;
-  bench-trainer-drafter)  # issue 19: trainer rows on the drafter's rows with its noisy-scope adapter; PAD as above
-    log trainer throughput drafter; timeout 400 $PY benchmarks/bench_trainer.py --source "$GGUF" --targets .carry_gpu/targets \
-      --noisy --max-length 1024 --warmup 5 --steps 10 --pad-to-multiple-of "${PAD:-64}" --out trainer_drafter \
-      --rows "AR SFTTrainer (sdpa)" "block diffusion (dense sdpa, liger)" "block diffusion (dense sdpa, liger, joint layout)" \
-      2>&1 | tee "$OUT/trainer_drafter.log" | grep "^|"; cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
+  bench-trainer-drafter)  # issue 19: trainer rows on the drafter's rows with its noisy-scope adapter; PAD as above,
+    # TRAIN_BATCHES (per-device batch sizes), TRAIN_EXTRA (e.g. --no-cudnn-attention), TRAIN_TIMEOUT (s)
+    log trainer throughput drafter; timeout "${TRAIN_TIMEOUT:-400}" $PY benchmarks/bench_trainer.py --source "$GGUF" \
+      --targets .carry_gpu/targets --noisy --max-length 1024 --warmup 6 --steps 8 --pad-to-multiple-of "${PAD:-64}" \
+      --batch ${TRAIN_BATCHES:-32} ${TRAIN_EXTRA:-} --out trainer_drafter --rows "AR SFTTrainer (sdpa)" \
+      "block diffusion (dense sdpa, liger)" "block diffusion (dense sdpa, liger, compiled layers)" 2>&1 \
+      | tee "$OUT/trainer_drafter.log" | grep "^|\|^{"; cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
   drafter-train)  # one piece of the drafter run (MINUTES, TOTAL_STEPS); resumes from .carry_gpu/state if there.
     # Targets: .carry_gpu/targets, else this machine's from drafter-targets. The adapter stays in $HOME/work/drafter.
     log drafter train; D=$HOME/work/drafter; mkdir -p "$D"
@@ -104,7 +106,7 @@ for step in "$@"; do case $step in
     state=(); [ -f .carry_gpu/state/manifest.json ] && state=(--state .carry_gpu/state --log .carry_gpu/drafter_log.jsonl)
     [ -f "$D/state/manifest.json" ] && [ ${#state[@]} = 0 ] && state=(--state "$D/state" --log "$D/drafter_log.jsonl")
     $PY benchmarks/train_drafter.py train --source "$GGUF" --targets "$D/targets" "${state[@]}" --out "$D/next" \
-      --work "$D/work" --minutes "${MINUTES:-6}" --total-steps "${TOTAL_STEPS:-6000}" 2>&1 | tee "$OUT/drafter_train.log" \
+      --work "$D/work" --minutes "${MINUTES:-6}" --total-steps "${TOTAL_STEPS:-6000}" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/drafter_train.log" \
       | grep -v "it/s\|s/it" | tail -8
     if [ -f "$D/next/state/manifest.json" ]; then  # a failed piece leaves the last good state in place
       rm -rf "$D/state" && cp -r "$D/next/state" "$D/state" && cp "$D/next/drafter_log.jsonl" "$D/"

@@ -178,7 +178,7 @@ def drafter_trainer(args, rows, output_dir: Path, callbacks):
         adapter_scope="noisy", whole_block_noise=args.whole_block_noise, growth_start=args.growth_start,
         growth_interval_steps=max(1, int(args.total_steps * args.growth_fraction / growth_sizes)),
         certainty_loss_weight=args.certainty, dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
-        pad_to_multiple_of=args.pad_to_multiple_of or None,
+        pad_to_multiple_of=args.pad_to_multiple_of or None, torch_compile=args.compile,
     )  # fmt: skip
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
     return BlockDiffusionTrainer(model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
@@ -380,6 +380,7 @@ def main(argv=None):
     parser.add_argument("--pad-to-multiple-of", type=int, default=64,
                         help="batch lengths (0: the longest row); padding changes no loss, and fewer shapes spare "
                         "cuDNN attention its per-shape graph builds")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch_compile: each decoder layer compiled in place")
     parser.add_argument("--logging-steps", type=int, default=25)
     parser.add_argument("--profile-steps", type=int, default=5, help="profile: steps profiled (after as many)")
     parser.add_argument("--top", type=int, default=20, help="profile: rows per table")

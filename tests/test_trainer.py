@@ -259,3 +259,48 @@ def test_self_distillation_can_keep_only_trajectories_that_end(tmp_path):
     assert all(row["finished"] and row["input_ids"][-1] in stops for row in rows)
     with pytest.raises(ValueError, match="distillation_keep_unfinished"):
         trainer(1, "none")
+
+
+@pytest.mark.parametrize("scope", ["all", "noisy"])
+def test_torch_compile_compiles_the_decoder_layers_and_trains_the_same(tmp_path, scope):
+    """``torch_compile=True`` compiles each decoder layer in place (not the whole model, whose two-stream forward
+    reads back to the host between its streams) and gives the eager run's losses step for step. The aot_eager
+    backend traces forward and backward as inductor would, without a C++ toolchain on the test machine."""
+    losses = {}
+    for compiled in (False, True):
+        args = config(tmp_path / str(compiled), max_steps=4, block_growth=False, adapter_scope=scope,
+                      torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None)  # fmt: skip
+        trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(),
+                                        processing_class=tiny_tokenizer())  # fmt: skip
+        layers = trainer.model.model.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        assert not isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
+        trainer.train()
+        assert trainer.model_wrapped is trainer.model or not isinstance(
+            trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule
+        )  # fmt: skip
+        losses[compiled] = [e["diffusion_loss"] for e in trainer.state.log_history if "diffusion_loss" in e]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("checkpointing", [None, True])
+def test_training_runs_the_split_layout_unless_activations_are_checkpointed(tmp_path, checkpointing):
+    """TRL's SFTConfig checkpoints activations by default; ours does not, so training runs the split layout (one
+    forward of the clean stream, one of the noisy copies of the supervised tokens, docs/design.md 2.3). Asking
+    for checkpointing gives the joint layout, which stays exact under it."""
+    args = config(tmp_path, max_steps=2, block_growth=False, gradient_checkpointing=checkpointing)
+    assert bool(args.gradient_checkpointing) == bool(checkpointing)
+    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=cyclic_text(),
+                                    processing_class=tiny_tokenizer())  # fmt: skip
+    layouts = []
+    model = trainer.model
+    run = model.two_stream_hidden_states
+
+    def spy(*args, **kwargs):
+        layouts.append(args[6] if len(args) > 6 else kwargs.get("layout"))
+        return run(*args, **kwargs)
+
+    model.two_stream_hidden_states = spy
+    trainer.train()
+    assert layouts == ["joint" if checkpointing else "split"] * 2

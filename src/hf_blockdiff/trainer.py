@@ -34,6 +34,15 @@ class BlockDiffusionConfig(SFTConfig):
     Usable from Python, ``HfArgumentParser`` command lines and YAML files, like any TRL config.
     """
 
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Off by default, where TRL's SFTConfig turns it on: a checkpointed layer drops its cache, which "
+            "the split training layout reads its prefix from (docs/design.md 2.3), so checkpointing means the "
+            "joint layout, about twice the tokens, and each forward run twice. Turn it on (or "
+            "activation_checkpointing) only when activations do not fit."
+        },  # fmt: skip
+    )
     block_size: int = field(default=16, metadata={"help": "Final block size (b_max of the growth schedule)."})
     ar_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the AR loss on the clean copy."})
     noise_eps: float = field(default=1e-3, metadata={"help": "Noise level t is drawn per block from U(eps, 1)."})
@@ -176,8 +185,20 @@ class BlockDiffusionTrainer(SFTTrainer):
                          peft_config=peft_config, callbacks=callbacks, **kwargs)  # fmt: skip
         # Losses are per-micro-batch means: let Trainer divide them by the gradient-accumulation steps.
         self.model_accepts_loss_kwargs = False
+        if args.torch_compile:
+            compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         self.noise = NoiseSampler(self.mask_token_id, args.noise_eps, args.complementary_masking, args.elbo_weighting,
                                   args.whole_block_noise)  # fmt: skip
+
+    def _build_accelerator_args(self, **kwargs):
+        """No whole-model ``torch.compile`` from accelerate: ``torch_compile`` compiles the decoder layers instead
+        (``compile_decoder_layers``), and a second, whole-model compile would trace the host reads in between."""
+        args = super()._build_accelerator_args(**kwargs)
+        if self.args.torch_compile and "dynamo_plugin" in args:
+            from accelerate.utils import TorchDynamoPlugin
+
+            args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
 
     # -- schedule ------------------------------------------------------------------------------------------
     @property
@@ -313,6 +334,27 @@ class BlockDiffusionTrainer(SFTTrainer):
         if self.args.hub_model_id:
             info["repo_id"] = self.args.hub_model_id
         write_model_card(directory, config, **info)
+
+
+def compile_decoder_layers(model, **compile_kwargs) -> int:
+    """Compile each decoder layer in place (regional compilation; returns how many). The two-stream forward reads
+    one length back to the host between its streams and gathers the scored rows by a data-dependent index:
+    compiling the whole model would break its graph there, while the layers, where the time goes, trace whole.
+    Layers share one compiled graph per shape; lengths that vary make it dynamic after the second shape."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ValueError(f"torch_compile: {type(model).__name__} names no decoder layer class in _no_split_modules.")
+    # A layer's graph is specialised to its layer index (the split layout's prefix cache indexes its keys by it),
+    # to grad mode and to the adapter gate: a few graphs per layer, where dynamo's default budget for one
+    # function is 8 and, past it, runs the layer uncompiled without saying more than once.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * len(layers))
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * len(layers))
+    for layer in layers:
+        layer.compile(**{k: v for k, v in compile_kwargs.items() if v is not None})
+    logger.info(f"torch_compile: compiled {len(layers)} decoder layers ({type(layers[0]).__name__}) in place.")
+    return len(layers)
 
 
 def examples_for_run(dataset, args: BlockDiffusionConfig):
