@@ -99,6 +99,10 @@ for step in "$@"; do case $step in
       --batch ${TRAIN_BATCHES:-32} ${TRAIN_EXTRA:-} --out trainer_drafter --rows "AR SFTTrainer (sdpa)" \
       "block diffusion (dense sdpa, liger)" "block diffusion (dense sdpa, liger, compiled layers)" 2>&1 \
       | tee "$OUT/trainer_drafter.log" | grep "^|\|^{"; cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
+  drafter-stage-state)  # a state is too big to travel with the targets: carry .carry_gpu/state (+ drafter_log.jsonl)
+    # in one call, this step keeps it on the machine; drafter-train in the next call resumes from it
+    D=$HOME/work/drafter; mkdir -p "$D" && rm -rf "$D/state" && cp -r .carry_gpu/state "$D/state" \
+      && cp .carry_gpu/drafter_log.jsonl "$D/" && rm -rf .carry_gpu/state && ls "$D/state" ;;
   drafter-train)  # one piece of the drafter run (MINUTES, TOTAL_STEPS); resumes from .carry_gpu/state if there.
     # Targets: .carry_gpu/targets, else this machine's from drafter-targets. The adapter stays in $HOME/work/drafter.
     log drafter train; D=$HOME/work/drafter; mkdir -p "$D"
@@ -106,10 +110,12 @@ for step in "$@"; do case $step in
     state=(); [ -f .carry_gpu/state/manifest.json ] && state=(--state .carry_gpu/state --log .carry_gpu/drafter_log.jsonl)
     [ -f "$D/state/manifest.json" ] && [ ${#state[@]} = 0 ] && state=(--state "$D/state" --log "$D/drafter_log.jsonl")
     $PY benchmarks/train_drafter.py train --source "$GGUF" --targets "$D/targets" "${state[@]}" --out "$D/next" \
-      --work "$D/work" --minutes "${MINUTES:-6}" --total-steps "${TOTAL_STEPS:-6000}" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/drafter_train.log" \
+      --work "$D/work" --minutes "${MINUTES:-6}" --total-steps "${TOTAL_STEPS:-6000}" --eval-after "${EVAL_AFTER:-16}" \
+      ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/drafter_train.log" \
       | grep -v "it/s\|s/it" | tail -8
     if [ -f "$D/next/state/manifest.json" ]; then  # a failed piece leaves the last good state in place
       rm -rf "$D/state" && cp -r "$D/next/state" "$D/state" && cp "$D/next/drafter_log.jsonl" "$D/"
+      cp "$D/next/eval.json" "$OUT/" 2>/dev/null  # --eval-after's acceptance (also in the log)
       mkdir -p "$OUT/state" && cp "$D"/state/* "$OUT/state/" && cp "$D/drafter_log.jsonl" "$OUT/" && rm -rf "$D/next"
       rm -rf "$D/adapter" && cp -r "$D/work/adapter" "$D/adapter"  # ADAPTER=$D/adapter for bench-engine
     fi ;;

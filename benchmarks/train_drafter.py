@@ -6,6 +6,7 @@ each fit one GPU call and resume bit for bit.
     python benchmarks/train_drafter.py targets --source GGUF --prompts prompts.jsonl.gz --out $OUT/targets
     # each piece: resume from the previous piece's state (none the first time), train --minutes, write the next one
     python benchmarks/train_drafter.py train --source GGUF --targets DIR [--state DIR] --out $OUT --minutes 6
+    #   (--eval-after 16: then acceptance on 16 held-out prompts, kept in the log: the run's curve; --compile)
     # acceptance on held-out chat prompts (the benchmark's 40), against the source's own greedy output
     # where a training step's time goes (kernels and host operations under torch.profiler)
     python benchmarks/train_drafter.py profile --source GGUF --targets DIR --out drafter_step_profile
@@ -215,6 +216,14 @@ def stage_train(args):
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
              "curve": [{k: e[k] for k in ("step", "diffusion_loss", "block_size", "learning_rate") if k in e}
                        for e in logs]}  # fmt: skip
+    if args.eval_after:  # acceptance at the end of every piece: the run's curve against training tokens
+        del trainer
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        evaluation = argparse.Namespace(**{**vars(args), "adapter": str(work / "adapter"), "out": str(out / "eval.json"),
+                                           "num_prompts": args.eval_after, "eval_batch": args.eval_after,
+                                           "eval_blocks": [args.block_size], "no_graph": True})  # fmt: skip
+        entry["acceptance"] = {"prompts": args.eval_after, "dtype": args.dtype, "new_tokens": args.new_tokens,
+                               "rows": stage_evaluate(evaluation)["rows"]}  # fmt: skip
     (out / "drafter_log.jsonl").write_text(previous + json.dumps(entry) + "\n")
     print(json.dumps({k: v for k, v in entry.items() if k != "curve"}))
 
@@ -343,6 +352,7 @@ def stage_evaluate(args):
               "new_tokens": args.new_tokens, "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def main(argv=None):
@@ -382,6 +392,8 @@ def main(argv=None):
                         "cuDNN attention its per-shape graph builds")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch_compile: each decoder layer compiled in place")
     parser.add_argument("--logging-steps", type=int, default=25)
+    parser.add_argument("--eval-after", type=int, default=0,
+                        help="train: evaluate acceptance on this many held-out prompts after the piece (in its log)")  # fmt: skip
     parser.add_argument("--profile-steps", type=int, default=5, help="profile: steps profiled (after as many)")
     parser.add_argument("--top", type=int, default=20, help="profile: rows per table")
     # evaluate
