@@ -340,7 +340,7 @@ def compile_decoder_layers(model, **compile_kwargs) -> int:
     """Compile each decoder layer in place (regional compilation; returns how many). The two-stream forward reads
     one length back to the host between its streams and gathers the scored rows by a data-dependent index:
     compiling the whole model would break its graph there, while the layers, where the time goes, trace whole.
-    Layers share one compiled graph per shape; lengths that vary make it dynamic after the second shape."""
+    Shapes are dynamic from the first call: batch lengths vary from step to step."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [module for module in model.modules() if type(module).__name__ in names]
     if not layers:
@@ -351,8 +351,10 @@ def compile_decoder_layers(model, **compile_kwargs) -> int:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * len(layers))
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * len(layers))
+    # (a first graph specialised to one length would only be compiled again for the next)
+    compile_kwargs = {"dynamic": True} | {k: v for k, v in compile_kwargs.items() if v is not None}
     for layer in layers:
-        layer.compile(**{k: v for k, v in compile_kwargs.items() if v is not None})
+        layer.compile(**compile_kwargs)
     logger.info(f"torch_compile: compiled {len(layers)} decoder layers ({type(layers[0]).__name__}) in place.")
     return len(layers)
 
