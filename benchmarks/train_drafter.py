@@ -8,6 +8,8 @@ each fit one GPU call and resume bit for bit.
     python benchmarks/train_drafter.py train --source GGUF --targets DIR [--state DIR] --out $OUT --minutes 6
     #   (--eval-after 16: then acceptance on 16 held-out prompts, kept in the log: the run's curve; --compile)
     # acceptance on held-out chat prompts (the benchmark's 40), against the source's own greedy output
+    # acceptance against training tokens, from the log of pieces trained with --eval-after
+    python benchmarks/train_drafter.py curve --log benchmarks/results/drafter_run3_log.jsonl --out drafter_run3_curve
     # where a training step's time goes (kernels and host operations under torch.profiler)
     python benchmarks/train_drafter.py profile --source GGUF --targets DIR --out drafter_step_profile
     python benchmarks/train_drafter.py evaluate --source GGUF --adapter DIR [--dtype float32] --out $OUT/eval.json
@@ -355,9 +357,43 @@ def stage_evaluate(args):
     return result
 
 
+def stage_curve(args):
+    """Acceptance against training tokens from a run's log (the pieces trained with --eval-after): a table in
+    benchmarks/results/<--out>.md/.json and a plot <--out>.png."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import RESULTS, save
+
+    points, devices = [], []
+    for line in Path(args.log).read_text().splitlines():
+        entry = json.loads(line)
+        devices.append(entry.get("device", "?"))
+        for row in (entry.get("acceptance") or {}).get("rows", []):
+            if "verify" in row["decoding"]:
+                points.append({"step": entry["piece_steps"][1], "tokens seen": entry["tokens_seen"], **row})
+    if not points:
+        raise SystemExit(f"{args.log}: no piece has an acceptance entry (train with --eval-after N).")
+    save(args.out, "Drafter acceptance against training tokens", points,
+         f"From {args.log}: each piece's --eval-after evaluation (held-out chat prompts, greedy).",
+         measured_on=f"Device: {', '.join(dict.fromkeys(devices))} (from the run's log)")  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(p["decoding"] for p in points):
+        mine = [p for p in points if p["decoding"] == name]
+        ax.plot([p["tokens seen"] / 1e6 for p in mine], [p["tokens per forward"] for p in mine], "o-", label=name)
+    ax.set(xlabel="training tokens (M)", ylabel="tokens per forward", title="Drafter acceptance")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{args.out}.png", dpi=120)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["targets", "train", "adapter", "evaluate", "profile"])
+    parser.add_argument("stage", choices=["targets", "train", "adapter", "evaluate", "profile", "curve"])
     parser.add_argument("--source", help="GGUF path or a packaged name ('smollm2')")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
@@ -407,7 +443,7 @@ def main(argv=None):
     parser.add_argument("--eval-batch", type=int, default=1, help="evaluate: prompts decoded together (left-padded)")
     args = parser.parse_args(argv)
     needs = {"targets": ["source", "prompts"], "train": ["source", "targets"], "adapter": ["state"],
-             "evaluate": ["source", "adapter"], "profile": ["source", "targets"]}[args.stage]  # fmt: skip
+             "evaluate": ["source", "adapter"], "profile": ["source", "targets"], "curve": ["log"]}[args.stage]  # fmt: skip
     for name in needs:
         if not getattr(args, name):
             parser.error(f"{args.stage} needs --{name}")
@@ -417,6 +453,7 @@ def main(argv=None):
         "adapter": stage_adapter,
         "evaluate": stage_evaluate,
         "profile": stage_profile,
+        "curve": stage_curve,
     }
     stages[args.stage](args)
 
