@@ -24,7 +24,10 @@ ROOT = HERE.parent
 
 
 def texts(path):
-    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+    sys.path.insert(0, str(HERE))
+    from common import read_jsonl
+
+    return read_jsonl(path, "text")
 
 
 def tokenizer_for(data, path: Path):

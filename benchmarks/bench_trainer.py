@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
+from common import read_jsonl, save  # noqa: E402
 
 TRL_AR = "AR SFTTrainer (sdpa)"
 COMPILED_AR = "AR compiled step (sdpa)"
@@ -84,7 +84,7 @@ def load_data(path, tok, args):
         rows = read_targets(Path(args.targets))
         return Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
                                   "labels": [[-100] * p + ids[p:] for ids, p in rows]}).shuffle(seed=0)  # fmt: skip
-    texts = [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+    texts = read_jsonl(path, "text")
     if not args.pack:
         return Dataset.from_dict({"text": texts})
     rows_needed = (args.warmup + args.steps + 16) * args.batch

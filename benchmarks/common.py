@@ -3,6 +3,7 @@ markdown tables printed and saved under benchmarks/results/."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import platform
 import statistics
@@ -112,6 +113,15 @@ def environment() -> str:
     except ImportError:
         pass
     return text
+
+
+def read_jsonl(path, key: str | None = None) -> list:
+    """The records of a .jsonl (or .jsonl.gz) file, or their ``key`` field. Split on newlines only: ``splitlines``
+    would also split at U+2028 and friends, which JSON leaves raw inside strings."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    records = [json.loads(line) for line in text.split("\n") if line.strip()]
+    return records if key is None else [record[key] for record in records]
 
 
 def save(

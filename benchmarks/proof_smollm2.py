@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 
 SOURCE_VOCAB = 49152  # SmolLM2's own vocabulary; the mask token comes after it
 
 
 def read_jsonl(path, key, limit=None):
-    rows = [json.loads(line)[key] for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = common.read_jsonl(path, key)
     return rows[:limit] if limit else rows
 
 

@@ -30,7 +30,6 @@ The prompts come from benchmarks/drafter_prompts.py.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import json
@@ -121,10 +120,10 @@ def stage_targets(args):
     from hf_blockdiff import convert_model, load_source
     from hf_blockdiff.distill import ar_targets
 
-    path = Path(args.prompts)
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    lines = [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 in text
-    prompts = [line["prompt"] for line in lines][args.first_prompt :][: args.max_prompts]  # chunks across calls
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import read_jsonl
+
+    prompts = read_jsonl(args.prompts, "prompt")[args.first_prompt :][: args.max_prompts]  # chunks across calls
     prompts = prompts[: max(args.decode_batch, len(prompts) // args.decode_batch * args.decode_batch)]  # full batches
     source, tok = load_source(args.source, dtype="bfloat16", device=args.device)
     model, tok = convert_model(source, tok, block_size=1)  # block size 1 is the source, decoded by our engine
