@@ -304,3 +304,31 @@ def test_training_runs_the_split_layout_unless_activations_are_checkpointed(tmp_
     model.two_stream_hidden_states = spy
     trainer.train()
     assert layouts == ["joint" if checkpointing else "split"] * 2
+
+
+def test_compiled_layers_do_not_recompile_for_new_lengths(tmp_path):
+    """Batch lengths change every step; the compiled layers are dynamic from the first call, so after the first
+    step no graph is added (a length-specialised graph per step would soon exhaust dynamo's recompile budget,
+    past which it runs layers uncompiled)."""
+    import random
+
+    rng = random.Random(0)
+    data = Dataset.from_dict({"text": [" ".join(f"w{(s + i) % WORDS}" for i in range(rng.randint(6, 40)))
+                                       for s in range(48)]})  # fmt: skip
+    args = config(tmp_path, max_steps=6, block_growth=False, adapter_scope="noisy", torch_compile=True,
+                  torch_compile_backend="aot_eager", max_length=48, per_device_train_batch_size=4)  # fmt: skip
+    torch._dynamo.reset()
+    graphs, lengths = [], set()
+
+    class CountGraphs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    trainer = BlockDiffusionTrainer(source_model("llama"), args=args, train_dataset=data,
+                                    processing_class=tiny_tokenizer(), callbacks=[CountGraphs()])  # fmt: skip
+    for batch in trainer.get_train_dataloader():
+        lengths.add(batch["input_ids"].shape[1])
+    assert len(lengths) > 3
+    trainer.train()
+    assert len(graphs) == 6 and graphs[0] > 0
+    assert graphs[-1] == graphs[0]
