@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import read_jsonl, save  # noqa: E402
+from common import environment, read_jsonl, save  # noqa: E402
 
 TRL_AR = "AR SFTTrainer (sdpa)"
 COMPILED_AR = "AR compiled step (sdpa)"
@@ -223,66 +223,9 @@ def run_compiled_ar(source, tok, data, args, cuda):
     return statistics.mean(tokens), statistics.median(times), {}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", default="smollm2")
-    parser.add_argument("--data", help="jsonl with a 'text' field")
-    parser.add_argument("--targets", help="a folder of train_drafter.py target shards, instead of --data")
-    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="per-device batch sizes (each row at each)")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--pack", action="store_true", help="rows of exactly --max-length tokens (see above)")
-    parser.add_argument("--pad-to-multiple-of", type=int, default=None, help="pad batch lengths to a multiple")
-    parser.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers for the trainer rows")
-    parser.add_argument("--noisy", action="store_true",
-                        help="a noisy-scope adapter (r=16, all linear layers) for the block-diffusion rows")  # fmt: skip
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
-                        help=f"rows to run (default all): {', '.join(ROWS)}")  # fmt: skip
-    parser.add_argument("--no-cudnn-attention", action="store_true",
-                        help="keep sdpa off its cuDNN kernel (which builds a plan per shape)")  # fmt: skip
-    parser.add_argument("--device", default="cuda", help="cpu for a dry run of the script (no flex, no liger)")
-    parser.add_argument("--out", default="trainer_throughput")
-    args = parser.parse_args()
-    if (args.data is None) == (args.targets is None) or (args.targets and args.pack):
-        parser.error("give --data (optionally --pack) or --targets")
-    torch._dynamo.config.cache_size_limit = 64
+def save_table(rows, measured_on, args):
+    """Ratios to the AR rows of the same batch, then the table with its notes (benchmarks/results/OUT)."""
     cuda = args.device == "cuda"
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    batches = args.batch
-    args.batch = max(batches)  # --pack reads rows for the largest
-
-    from hf_blockdiff import load_source
-
-    source, tok = load_source(args.source, dtype="bfloat16" if cuda else "float32", device=args.device)
-    data = load_data(args.data, tok, args)
-    rows = []
-    for kind, args.batch in [(kind, batch) for kind in args.rows for batch in batches]:
-        scope = (
-            " noisy-scope adapter"
-            if args.noisy and ROWS[kind]
-            else " LoRA"
-            if args.lora and kind != COMPILED_AR
-            else ""
-        )
-        row = {"trainer": kind + scope, "batch": args.batch}
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            run = run_compiled_ar if kind == COMPILED_AR else lambda *a: run_trainer(kind, *a)
-            tokens, seconds, extra = run(source, tok, data, args, cuda)
-            row |= {"tokens/step": tokens, "step ms": seconds * 1000, "tokens/s": tokens / seconds}
-            row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            row |= extra
-        except Exception as error:  # keep the other rows of a GPU session that cost minutes to get
-            traceback.print_exc()
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
-        gc.collect()
-        rows.append(row)
-        print(json.dumps(row), flush=True)  # a run cut short by its time limit keeps the rows so far in its log
 
     def baseline(name, batch):  # the AR row of the same batch, else of the first batch that has one
         found = [r for r in rows if r["trainer"].startswith(name) and "tokens/s" in r]
@@ -317,7 +260,90 @@ def main():
              "liger-kernel's fused linear cross-entropy; 'compiled layers' rows set torch_compile=True (each decoder "
              "layer compiled in place by inductor; the first steps compile); their Δ columns compare losses and gradients with the "
              "chunked path on one batch (same noise).")  # fmt: skip
-    save(args.out, "Trainer throughput: block diffusion vs plain AR", rows, notes, columns)
+    save(args.out, "Trainer throughput: block diffusion vs plain AR", rows, notes, columns, measured_on)
+
+
+def rows_of_log(path):
+    """The rows a run printed as they finished, and the environment line it printed first (None if absent)."""
+    rows, measured_on = [], None
+    for line in Path(path).read_text(errors="replace").split("\n"):
+        if line.startswith("Device: "):
+            measured_on = line.strip()
+        elif line.startswith("{") and '"trainer"' in line:
+            rows.append(json.loads(line))
+    if not rows:
+        raise SystemExit(f"{path}: no rows (lines of JSON with a 'trainer' field) to make a table of.")
+    return rows, measured_on
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", default="smollm2")
+    parser.add_argument("--data", help="jsonl with a 'text' field")
+    parser.add_argument("--targets", help="a folder of train_drafter.py target shards, instead of --data")
+    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="per-device batch sizes (each row at each)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--pack", action="store_true", help="rows of exactly --max-length tokens (see above)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None, help="pad batch lengths to a multiple")
+    parser.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers for the trainer rows")
+    parser.add_argument("--noisy", action="store_true",
+                        help="a noisy-scope adapter (r=16, all linear layers) for the block-diffusion rows")  # fmt: skip
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
+                        help=f"rows to run (default all): {', '.join(ROWS)}")  # fmt: skip
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep sdpa off its cuDNN kernel (which builds a plan per shape)")  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cpu for a dry run of the script (no flex, no liger)")
+    parser.add_argument("--out", default="trainer_throughput")
+    parser.add_argument("--from-log", metavar="LOG",
+                        help="run nothing: the table of the rows a run printed to LOG (one cut short by its time "
+                             "limit), with the notes of the other arguments, which should be that run's")  # fmt: skip
+    args = parser.parse_args()
+    if args.from_log:
+        return save_table(*rows_of_log(args.from_log), args)
+    if (args.data is None) == (args.targets is None) or (args.targets and args.pack):
+        parser.error("give --data (optionally --pack) or --targets")
+    torch._dynamo.config.cache_size_limit = 64
+    cuda = args.device == "cuda"
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    batches = args.batch
+    args.batch = max(batches)  # --pack reads rows for the largest
+
+    from hf_blockdiff import load_source
+
+    print(environment(), flush=True)  # for --from-log
+    source, tok = load_source(args.source, dtype="bfloat16" if cuda else "float32", device=args.device)
+    data = load_data(args.data, tok, args)
+    rows = []
+    for kind, args.batch in [(kind, batch) for kind in args.rows for batch in batches]:
+        scope = (
+            " noisy-scope adapter"
+            if args.noisy and ROWS[kind]
+            else " LoRA"
+            if args.lora and kind != COMPILED_AR
+            else ""
+        )
+        row = {"trainer": kind + scope, "batch": args.batch}
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            run = run_compiled_ar if kind == COMPILED_AR else lambda *a: run_trainer(kind, *a)
+            tokens, seconds, extra = run(source, tok, data, args, cuda)
+            row |= {"tokens/step": tokens, "step ms": seconds * 1000, "tokens/s": tokens / seconds}
+            row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            row |= extra
+        except Exception as error:  # keep the other rows of a GPU session that cost minutes to get
+            traceback.print_exc()
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        gc.collect()
+        rows.append(row)
+        print(json.dumps(row), flush=True)  # a run cut short by its time limit keeps the rows so far in its log
+
+    save_table(rows, None, args)
 
 
 if __name__ == "__main__":

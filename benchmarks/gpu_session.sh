@@ -93,12 +93,20 @@ for step in "$@"; do case $step in
       --growth-start 16 --pad-to-multiple-of "${PAD:-64}" --work "$HOME/work/profile" --out "drafter_step_profile_pad${PAD:-64}" \
       2>&1 | tee "$OUT/drafter_profile.log" | grep "^|" | head -14; cp benchmarks/results/drafter_step_profile_pad* "$OUT/" ;;
   bench-trainer-drafter)  # issue 19: trainer rows on the drafter's rows with its noisy-scope adapter; PAD as above,
-    # TRAIN_BATCHES (per-device batch sizes), TRAIN_EXTRA (e.g. --no-cudnn-attention), TRAIN_TIMEOUT (s)
-    log trainer throughput drafter; timeout "${TRAIN_TIMEOUT:-400}" $PY benchmarks/bench_trainer.py --source "$GGUF" \
-      --targets .carry_gpu/targets --noisy --max-length 1024 --warmup 6 --steps 8 --pad-to-multiple-of "${PAD:-64}" \
-      --batch ${TRAIN_BATCHES:-32} ${TRAIN_EXTRA:-} --out trainer_drafter --rows "AR SFTTrainer (sdpa)" \
-      "block diffusion (dense sdpa, liger)" "block diffusion (dense sdpa, liger, compiled layers)" 2>&1 \
-      | tee "$OUT/trainer_drafter.log" | grep "^|\|^{"; cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
+    # TRAIN_BATCHES (per-device batch sizes), TRAIN_ROWS (bench_trainer row names, one per line), TRAIN_EXTRA (e.g.
+    # --no-cudnn-attention), TRAIN_TIMEOUT (s; a run cut short still gets the table of the rows it finished)
+    log trainer throughput drafter; rm -f benchmarks/results/trainer_drafter.*  # the tracked copy is not this run's
+    rows=${TRAIN_ROWS:-"AR SFTTrainer (sdpa)
+AR compiled step (sdpa)
+block diffusion (dense sdpa, liger)
+block diffusion (dense sdpa, liger, compiled layers)"}
+    mapfile -t rows <<< "$rows"
+    bench=(benchmarks/bench_trainer.py --source "$GGUF" --targets .carry_gpu/targets --noisy --max-length 1024 --warmup 6
+      --steps 8 --pad-to-multiple-of "${PAD:-64}" --batch ${TRAIN_BATCHES:-32} ${TRAIN_EXTRA:-} --out trainer_drafter)
+    timeout "${TRAIN_TIMEOUT:-400}" $PY "${bench[@]}" --rows "${rows[@]}" 2>&1 | tee "$OUT/trainer_drafter.log" \
+      | grep "^|\|^{"
+    [ -f benchmarks/results/trainer_drafter.md ] || $PY "${bench[@]}" --from-log "$OUT/trainer_drafter.log" | grep "^|"
+    cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
   drafter-stage-state)  # a state is too big to travel with the targets: carry .carry_gpu/state (+ drafter_log.jsonl)
     # in one call, this step keeps it on the machine; drafter-train in the next call resumes from it
     D=$HOME/work/drafter; mkdir -p "$D" && rm -rf "$D/state" && cp -r .carry_gpu/state "$D/state" \
