@@ -183,7 +183,7 @@ def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, **settings):
     plan = None
     if engine is not None:  # what the call decoded with (verify_plan may have chosen block size 1)
         verify = bool(engine.verify.any())
-        plan = f"b={engine.block_size}" + (f" verify c={engine.candidates}" if verify else "")
+        plan = f"b={engine.block_size}" + (f" verify c={engine.candidates} g={engine.guesses}" if verify else "")
     return dict(ms=ms, tokens=int(tokens.sum()), forwards=sum(out.num_forward_passes for out in outs),
                 tpf_row=float((tokens / row_forwards).mean()), tpf_batch=float(tokens.sum() / row_forwards.sum()),
                 texts=texts, peak=peak, cache=cache, slots=slots, plan=plan)  # fmt: skip
@@ -191,14 +191,16 @@ def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, **settings):
 
 def decoder_setting(setting: str) -> tuple[str, dict]:
     """(name, generate() settings) of a --settings entry: ``default`` (generate()'s own), ``b:threshold[:eager]``
-    or ``b:verify[:candidates]``."""
+    or ``b:verify[:candidates[:guesses]]``."""
     if setting == "default":
         return "ours default", {}
     size, threshold, *extra = setting.split(":")
     if threshold == "verify":
         candidates = int(extra[0]) if extra else None
-        name = f"ours b={size} verify" + (f" c={candidates}" if extra else " (auto c)")
-        return name, dict(block_size=int(size), verify=True, candidates=candidates)
+        guesses = int(extra[1]) if len(extra) > 1 else None
+        name = f"ours b={size} verify" + (f" c={candidates}" if extra else " (auto c)") + (
+            f" g={guesses}" if guesses is not None else "")  # fmt: skip
+        return name, dict(block_size=int(size), verify=True, candidates=candidates, guesses=guesses)
     name = f"ours b={size} thr {threshold}" + (" uncompiled" if extra else "")
     # compile_step only when it is off: left out (None) it is what generate()'s defaults give, so a default decoder
     # that decodes at block size 1 (denoise.verify_plan) reuses this one's engine, compiled graph and all
@@ -257,8 +259,8 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+",
                         default=["1:1.0", "16:0.9", "16:verify:0", "16:verify", "8:verify"],
                         help="block_size:threshold[:eager] for our decoder (eager: compile_step=False), or "
-                        "block_size:verify[:candidates] (lossless verified decoding; candidates 0: two forwards per "
-                        "block; left out: chosen by the batch), or default (generate()'s own settings)")  # fmt: skip
+                        "block_size:verify[:candidates[:guesses]] (lossless verified decoding; candidates 0: two "
+                        "forwards per block; left out: chosen by the batch; guesses: per candidate), or default (generate()'s own settings)")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for the exactness check")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate() (e.g. the fp32 exactness run)")
     parser.add_argument("--no-hf-eager", action="store_true", help="HF static only (eager is slow and no baseline)")

@@ -191,11 +191,11 @@ def stage_train(args):
     from hf_blockdiff.convert import save_noisy_adapter
 
     out, work = Path(args.out), Path(args.work)
-    rows = read_targets(Path(args.targets))
+    rows = read_targets(Path(args.targets))[: args.max_rows]  # (a run keeps its rows while the folder grows)
     previous = Path(args.log).read_text() if args.log and Path(args.log).is_file() else ""
     if previous and json.loads(previous.splitlines()[-1])["rows"] != len(rows):
         raise ValueError(f"These targets have {len(rows)} rows; the run so far trained on "
-                         f"{json.loads(previous.splitlines()[-1])['rows']}. Resume with its targets or start a new run.")  # fmt: skip
+                         f"{json.loads(previous.splitlines()[-1])['rows']}. Resume with its targets (--max-rows) or start a new run.")  # fmt: skip
     trainer = drafter_trainer(args, rows, work / "run", [piece_clock(args.minutes * 60)])
     resume = unpack_state(Path(args.state), work / "resumed") if args.state else None
     first = trainer.state.global_step if resume is None else json.loads(
@@ -338,8 +338,10 @@ def stage_evaluate(args):
     settings = {"b=1": dict(block_size=1)}
     for b in args.eval_blocks:
         settings[f"b={b} two-forward verify"] = dict(block_size=b, verify=True, candidates=0)
-        settings[f"b={b} one-forward verify, {args.candidates} candidates"] = dict(
-            block_size=b, verify=True, candidates=min(args.candidates, b))  # fmt: skip
+        for plan in args.plans:  # candidates:guesses
+            candidates, guesses = (int(n) for n in plan.split(":"))
+            settings[f"b={b} one-forward verify, {candidates} candidates, {guesses} guesses"] = dict(
+                block_size=b, verify=True, candidates=min(candidates, b), guesses=guesses)  # fmt: skip
     rows, own = [], None
     for name, setting in settings.items():
         outputs, tokens, forwards, blocks = decode(setting)
@@ -417,7 +419,10 @@ def main(argv=None):
     parser.add_argument("--whole-block-noise", type=float, default=0.5)
     parser.add_argument("--certainty", type=float, default=0.0)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="train: the first N rows of --targets (the rows a run started with, once more are added)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="rows per step (3x the tokens/s of 32 on the H200: benchmarks/results/trainer_drafter.md)")  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--rank", type=int, default=16)
@@ -435,7 +440,9 @@ def main(argv=None):
     parser.add_argument("--adapter", help="evaluate: an adapter folder or a shipped name")
     parser.add_argument("--dtype", default="bfloat16", help="evaluate: float32 makes '= source greedy' exact")
     parser.add_argument("--eval-blocks", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--candidates", type=int, default=15, help="evaluate: one-forward verify's candidates")
+    parser.add_argument("--plans", nargs="+", default=["15:1"], metavar="C:G",
+                        help="evaluate: one-forward verify's candidates and guesses per candidate, each pair a row; "
+                             "a step carries b * (1 + (1 + G) * C) query positions per row")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-graph", action="store_true", help="evaluate eagerly (no capture/compile per shape)")

@@ -119,14 +119,14 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
 
 
 def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int, candidates: int, eos=(),
-                     min_new: int = 0, guess: bool = True):  # fmt: skip
+                     min_new: int = 0, guesses: int = 1):  # fmt: skip
     """One-forward verify (docs/design.md 2.6), greedy, one row, no cache: ``(tokens, committed_at, forwards,
     rejected)`` as the engine should produce them.
 
     A "forward" here is several full forwards from scratch: the block ``[first, drafts]`` causally after the
     context, and every candidate on its own: the context, the block's first ``k`` tokens, then ``block_size - 1``
-    masks that see each other. With ``guess``, where the draft's runner-up at the first rejected position is the
-    causal token there, the candidate has that token in place of its first mask. ``rejected``: ``(index, drafted tokens dropped)`` for every cut draft but the last.
+    masks that see each other. Where one of the draft's next ``guesses`` choices (2nd, 3rd, ...) at the first
+    rejected position is the causal token there, the candidate has that token in place of its first mask. ``rejected``: ``(index, drafted tokens dropped)`` for every cut draft but the last.
     """
     windows = _windows(model)
     mask_id = model.config.mask_token_id
@@ -134,9 +134,9 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
     greedy = Sampling(*(torch.tensor([v], device=DEVICE) for v in (False, 1.0, 0, 1.0)))
     eos_ids = torch.tensor([t for t in eos if t < vocab], dtype=torch.long, device=DEVICE)
 
-    def predict(seq: list[int], block_from: int, causal_block: bool, first_index: int, runner_up=False):
+    def predict(seq: list[int], block_from: int, causal_block: bool, first_index: int, choices=False):
         """Greedy tokens predicted by positions ``block_from ..`` of ``seq`` (each for the position after it);
-        with ``runner_up`` also each position's second choice."""
+        with ``choices`` also each position's next ``guesses`` choices."""
         ids = torch.tensor([seq], device=DEVICE)
         mask = _mask(block_from, len(seq) - block_from, causal_block, windows, model)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(seq), device=DEVICE)[None])
@@ -144,15 +144,15 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
         produced = first_index + torch.arange(picked.shape[1], device=DEVICE)
         tokens, _, dist = propose(picked, greedy, "probability", mask_id, eos_ids, (produced < min_new)[None],
                                   with_dist=True)  # fmt: skip
-        if runner_up:
-            return tokens[0].tolist(), dist[0].topk(2, dim=-1).indices[:, 1].tolist()
+        if choices:
+            return tokens[0].tolist(), dist[0].topk(1 + guesses, dim=-1).indices[:, 1:].tolist()
         return tokens[0].tolist()
 
     def is_stop(token: int, index: int) -> bool:
         return token in eos and index >= min_new
 
     context, generated, committed_at, rejected = list(prompt), [], [], []
-    first, first_at, drafts, seconds = predict(context, len(context) - 1, True, 0)[0], 1, [], []
+    first, first_at, drafts, alternatives = predict(context, len(context) - 1, True, 0)[0], 1, [], []
     forwards = 1
     while True:
         forwards += 1
@@ -182,12 +182,12 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
         k = min(keep, candidates)
         anchor = len(context) - keep + k - 1
         seq = context[: anchor + 1] + [mask_id] * (block_size - 1)
-        if guess and k == keep and keep < len(block) and seconds[keep - 1] == first:
+        if k == keep and keep < len(block) and first in alternatives[keep - 1]:
             seq[anchor + 1] = first
-        guesses, runner_ups = predict(seq, anchor, False, len(generated) - keep + k, runner_up=True)
+        proposed, choices = predict(seq, anchor, False, len(generated) - keep + k, choices=True)
         count = min(block_size - 1, block_size - 1 - (keep - k), left - 1)
-        drafts, seconds = (
-            guesses[keep - k + 1 : keep - k + 1 + count],
-            runner_ups[keep - k + 1 : keep - k + 1 + count],
+        drafts, alternatives = (
+            proposed[keep - k + 1 : keep - k + 1 + count],
+            choices[keep - k + 1 : keep - k + 1 + count],
         )
         first_at = forwards

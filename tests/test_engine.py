@@ -8,6 +8,7 @@ from helpers import DEVICE, EOS, PAD, converted_pair, padded_batch
 from reference_decoder import reference_generate, reference_verify
 from transformers import DynamicCache
 
+from hf_blockdiff.denoise import BUDGET_GUESSES
 from hf_blockdiff.engine import DecodeEngine
 from hf_blockdiff.policies import FixedSteps, RepeatGuard, Sampling, Threshold
 
@@ -253,17 +254,24 @@ def test_generate_reuses_its_engine_and_takes_new_settings():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "mistral"])
-@pytest.mark.parametrize("block_size,candidates", [(2, 2), (4, 0), (4, 1), (8, 3), (16, 0), (16, 16)])
-def test_verified_decoding_is_block_size_1_decoding(arch, block_size, candidates):
+@pytest.mark.parametrize("block_size,candidates,guesses",
+                         [(2, 2, None), (4, 0, None), (4, 1, 3), (8, 3, None), (8, 3, 0), (16, 0, None), (16, 16, None),
+                          (16, 4, 6)])  # fmt: skip
+def test_verified_decoding_is_block_size_1_decoding(arch, block_size, candidates, guesses):
     """verify=True: each block is cut at the first drafted token the causal logits disagree with. A left-padded
     batch with stop tokens and min_new_tokens gives the block-size-1 output token for token. Two forwards per
-    block (candidates 0: a draft, then its check) or one (the check also drafts the next block)."""
+    block (candidates 0: a draft, then its check) or one (the check also drafts the next block, with ``guesses``
+    guessing copies of each candidate; None: the default)."""
     model = pair(arch, block_size)
     ids, am = padded_batch([7, 3, 5], seed=11)
     kwargs = dict(attention_mask=am, max_new_tokens=21, eos_token_id=RARE_STOPS, pad_token_id=PAD, min_new_tokens=2,
                   return_dict_in_generate=True)  # fmt: skip
     ar = model.generate(ids, block_size=1, **kwargs)
-    verified = model.generate(ids, block_size=block_size, verify=True, candidates=candidates, **kwargs)
+    verified = model.generate(ids, block_size=block_size, verify=True, candidates=candidates, guesses=guesses,
+                              **kwargs)  # fmt: skip
+    engine = model._blockdiff_engine.engine
+    assert engine.guesses == (0 if candidates == 0 else BUDGET_GUESSES if guesses is None else guesses)
+    assert engine.queries == block_size * (1 + (1 + engine.guesses) * engine.candidates)
     assert torch.equal(verified.sequences, ar.sequences)
     assert torch.equal(verified.num_generated_tokens, ar.num_generated_tokens)
     per_block = 2 if candidates == 0 else 1
@@ -273,10 +281,10 @@ def test_verified_decoding_is_block_size_1_decoding(arch, block_size, candidates
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-@pytest.mark.parametrize("block_size,candidates,guess",
-                         [(2, 1, True), (2, 2, True), (4, 1, True), (4, 2, False), (4, 4, True), (8, 3, True),
-                          (8, 8, False), (16, 16, True)])  # fmt: skip
-def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidates, guess):
+@pytest.mark.parametrize("block_size,candidates,guesses",
+                         [(2, 1, 1), (2, 2, 1), (4, 1, 3), (4, 2, 0), (4, 4, 1), (8, 3, 1), (8, 3, 4),
+                          (8, 8, 0), (16, 16, 1), (16, 4, 7)])  # fmt: skip
+def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidates, guesses):
     """One-forward verify against its brute-force reference (every candidate its own full forward): the same
     tokens, forwards, commit forwards and rejected drafts, for rows of different lengths in one batch, with stop
     tokens that end rows inside drafts and candidates and a budget that ends others inside a block."""
@@ -284,7 +292,7 @@ def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidate
     prompts = prompts_of([6, 2, 9], seed=7)
     rule, sampling = rule_for("threshold", 0.9, 3), sampling_for(3)
     engine = DecodeEngine(model, 3, 40, block_size, rule, sampling, eos_token_ids=RARE_STOPS, pad_token_id=PAD,
-                          candidates=candidates, guess=guess)  # fmt: skip
+                          candidates=candidates, guesses=guesses)  # fmt: skip
     tokens, at = {r: [] for r in range(3)}, {r: [] for r in range(3)}
     budgets = [MAX_NEW, 13, MAX_NEW - 1]
     events = engine.add(prompts, [0, 1, 2], budgets, 2, verify=True)
@@ -296,7 +304,7 @@ def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidate
     for r, prompt in enumerate(prompts):
         expected, when, forwards, rejected = reference_verify(model, prompt, max_new=budgets[r], block_size=block_size,
                                                               candidates=candidates, eos=RARE_STOPS, min_new=2,
-                                                              guess=guess)  # fmt: skip
+                                                              guesses=guesses)  # fmt: skip
         assert tokens[r] == expected
         assert at[r] == when
         assert engine.forwards[r] == forwards
@@ -347,6 +355,9 @@ def test_verify_refuses_block_size_1_and_bad_candidates():
     for bad in (-1, 5, 1.5, True):
         with pytest.raises(ValueError, match="candidates must be an integer between 0 and block_size"):
             model.generate(ids, verify=True, max_new_tokens=4, block_size=4, candidates=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="guesses must be"):
+            model.generate(ids, verify=True, max_new_tokens=4, block_size=4, candidates=2, guesses=bad)
 
 
 def test_speculative_accept_outputs_the_target_distribution():
@@ -468,6 +479,28 @@ def test_where_drafting_does_not_pay_verify_decodes_at_block_size_1(monkeypatch)
     assert causal.block_size == 1 and torch.equal(causal.row_forward_passes, ar.row_forward_passes)
     assert forced.block_size == 4 and torch.equal(forced.row_forward_passes, drafted.row_forward_passes)
     assert not torch.equal(drafted.row_forward_passes, ar.row_forward_passes)  # (the two plans differ)
+
+
+def test_the_query_budget_buys_candidates_or_their_guessing_copies():
+    """verify_candidates / verify_guesses on CUDA (decided without a GPU): where the plan fills QUERY_BUDGET, the
+    candidates are what fits beside their guessing copies (BUDGET_GUESSES unless guesses are given); a plan with
+    a fixed candidate count keeps the one guess it was measured with; a CPU drafts in a forward of its own."""
+    from dataclasses import replace
+
+    from hf_blockdiff.denoise import QUERY_BUDGET, resolve_policy, verify_candidates, verify_guesses, verify_plan
+
+    model = pair("llama", 16)
+    policy = resolve_policy(model, 4, None, {"max_new_tokens": 8, "block_size": 16, "verify": True})
+    for guesses in (None, 0, 1, 3, 9):
+        asked = replace(policy, guesses=guesses)
+        candidates, copies = verify_candidates(asked, 1, "cuda"), 1 + verify_guesses(asked)
+        assert copies == 1 + (BUDGET_GUESSES if guesses is None else guesses)
+        assert 16 * (1 + copies * candidates) <= QUERY_BUDGET  # within the budget ...
+        assert candidates == 16 or 16 * (1 + copies * (candidates + 1)) > QUERY_BUDGET  # ... and as many as fit
+    planned = verify_plan(policy, 16, "cuda")  # 16 rows: b=4 with one candidate, as measured (VERIFY_PLANS)
+    assert (planned.block_size, planned.candidates, verify_guesses(planned)) == (4, 1, 1)
+    assert verify_guesses(verify_plan(replace(policy, guesses=5), 16, "cuda")) == 5  # a given count is kept
+    assert verify_candidates(policy, 1, "cpu") == 0
 
 
 def test_where_verify_is_the_default_generate_gives_block_size_1_tokens(monkeypatch):

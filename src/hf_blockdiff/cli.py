@@ -196,9 +196,10 @@ def check_generate_args(args):
     if args.adapter:
         resolve_adapter(args.adapter)
     decoding = decoding_settings(args)
-    if args.candidates is not None and not args.verify:
-        raise CLIError("--candidates sets how --verify drafts; without --verify it does nothing.",
-                       "Add --verify, or leave --candidates out.")  # fmt: skip
+    for flag in ("candidates", "guesses"):
+        if getattr(args, flag) is not None and not args.verify:
+            raise CLIError(f"--{flag} sets how --verify drafts; without --verify it does nothing.",
+                           f"Add --verify, or leave --{flag} out.")  # fmt: skip
     return decoding
 
 
@@ -484,6 +485,10 @@ def decoding_flags(parser, serving: bool):
     parser.add_argument("--candidates", type=setting("candidates"),
                         help=f"{default}with --verify: next blocks each verifying forward drafts (0: a drafting "
                         "forward of its own per block; default: by device and batch, docs/design.md 2.6)")  # fmt: skip
+    parser.add_argument("--guesses", type=setting("guesses"),
+                        help="with --verify: guessing copies of each candidate next block, each with one of the "
+                        "draft's next choices for the token the causal model will give (default: 1; costs query "
+                        "positions like candidates)" + (" (for every request)" if serving else ""))  # fmt: skip
     parser.add_argument("--use-cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each decoding step as a captured CUDA graph (default: on CUDA)")  # fmt: skip
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,

@@ -182,8 +182,8 @@ class DraftVerify(DecodingMethod):
 
 class VerifyAhead(DecodingMethod):
     """One forward per block (docs/design.md 2.6): the row's drafted block, causally, then its candidate next
-    blocks in scratch slots. Candidate ``c`` is ``[block token c, MASK ...]`` (in the guessing group, the first
-    mask replaced by the draft's runner-up there); after the acceptance the candidate anchored at the last kept
+    blocks in scratch slots. Candidate ``c`` is ``[block token c, MASK ...]`` (in guessing group ``g``, the first
+    mask replaced by the draft's ``g + 1``-th choice there); after the acceptance the candidate anchored at the last kept
     token gives the next block's drafts."""
 
     drafts = True
@@ -201,8 +201,8 @@ class VerifyAhead(DecodingMethod):
         ahead = mine & (e.phase == AHEAD)
         ids = e.block.new_full((e.rows, e.groups, e.candidates, e.width), e.mask_token_id)
         ids[:, :, :, 0] = e.block[:, None, : e.candidates]
-        if e.groups == 2:
-            ids[:, 1, :, 1] = e.runner_up[:, 1 : e.candidates + 1]
+        if e.guesses:
+            ids[:, 1:, :, 1] = e.alternatives[:, 1 : e.candidates + 1].transpose(1, 2)
         inputs.ids[:, e.block_size :] = ids.flatten(1)
         visible = ahead.unsqueeze(1) & (e._index[: e.candidates] < e.row_candidates.unsqueeze(1))
         inputs.visible |= visible.repeat(1, e.groups)
@@ -228,11 +228,11 @@ class VerifyAhead(DecodingMethod):
         offset = keep - 1 - cand
         count = torch.minimum(torch.minimum(e.row_block_size - 1, w - 1 - offset), left - 1).clamp(min=0)
         count = torch.where(e.row_candidates > 0, count, 0)
-        if e.groups == 2:  # the guessing copy, where it guessed the causal token after a rejected draft
-            guessed = (
-                (offset == 0) & (keep < e.block_len) & (e.runner_up.gather(1, keep.unsqueeze(1)).squeeze(1) == first)
-            )
-            cand = cand + guessed * e.candidates
+        if e.guesses:  # the guessing copy that guessed the causal token after a rejected draft, if one did
+            at_keep = e.alternatives.gather(1, keep.view(-1, 1, 1).expand(-1, 1, e.guesses)).squeeze(1)
+            hit = (at_keep == first.unsqueeze(1)) & ((offset == 0) & (keep < e.block_len)).unsqueeze(1)
+            group = torch.where(hit.any(dim=1), hit.int().argmax(dim=1) + 1, 0)  # (the choices are distinct)
+            cand = cand + group * e.candidates
         where = (b + cand * w + offset + 1).unsqueeze(1) + e._index[:-1]  # candidate position j predicts j + 1
         picked = hidden.gather(1, where.clamp(max=e.queries - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         produced = (e.generated + 1).unsqueeze(1) + e._index[:-1]  # token index of the new block's drafts
@@ -245,10 +245,10 @@ class VerifyAhead(DecodingMethod):
         e.block.copy_(torch.where(go_on.unsqueeze(1), block, e.block))
         if e._sampling:
             e.draft_dist[:, 1:] = torch.where((go_on.unsqueeze(1) & use).unsqueeze(-1), dist, e.draft_dist[:, 1:])
-        if e.groups == 2:
-            runner_up = dist.topk(2, dim=-1).indices[..., 1]
-            e.runner_up[:, 1:-1] = torch.where(go_on.unsqueeze(1), runner_up, e.runner_up[:, 1:-1])
-            e.runner_up[:, -1] = e.mask_token_id  # (after the block: no guess)
+        if e.guesses:
+            choices = dist.topk(1 + e.guesses, dim=-1).indices[..., 1:]
+            e.alternatives[:, 1:-1] = torch.where(go_on.view(-1, 1, 1), choices, e.alternatives[:, 1:-1])
+            e.alternatives[:, -1] = e.mask_token_id  # (after the block: no guess)
         at = torch.where(e._index == 0, e.forwards.unsqueeze(1), -1)
         e.committed_at.copy_(torch.where(go_on.unsqueeze(1), at, e.committed_at))
         e.block_len.copy_(torch.where(go_on, 1 + count, torch.where(done, 0, e.block_len)))

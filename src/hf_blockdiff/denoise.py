@@ -318,7 +318,7 @@ def generate_blocks(
 
 
 # One-forward verify on CUDA: candidates per verifying row while the step's query positions stay within this many
-# (rows x block_size x (1 + 2 x candidates): each candidate also has a guessing copy). Measured on an H200 with
+# (rows x block_size x (1 + (1 + guesses) x candidates): each candidate also has its guessing copies). Measured on an H200 with
 # SmolLM2 (benchmarks/results/engine_verify_h200.md): at batch 1, 496 positions (b=16, 15 candidates) cost 1.36x
 # the one position of block size 1 and give 2.34 tokens per forward.
 QUERY_BUDGET = 512
@@ -332,6 +332,11 @@ QUERY_BUDGET = 512
 #   batch 16: b=4 with 1 candidate 1.10x, b=8 with 1 candidate 0.93x (engine_refactor_b16_64.md);
 #   batch 64: b=4 with 1 candidate 0.97x (verify_contiguous.md).
 VERIFY_PLANS = ((5, None, None), (64, 4, 1))
+# Guessing copies per candidate where a plan's candidates fill QUERY_BUDGET (no ``guesses`` given; the plans with a
+# fixed candidate count were measured with 1). At batch 1 the budget buys candidates or their copies: CPU, fp32,
+# SmolLM2 + drafter run 4 at step 860, 6 chat prompts, 48 tokens, b=16 (drafter_guesses_cpu_fp32.json):
+# 15 candidates x 0 guesses 1.600 tokens per forward, 15 x 1 1.725, 7 x 3 1.882, 3 x 9 2.000.
+BUDGET_GUESSES = 3
 
 
 def verify_plans(device):
@@ -352,7 +357,7 @@ def verify_plan(policy: DenoisePolicy, rows: int, device) -> DenoisePolicy:
         if rows < below:
             if block_size is None or block_size >= policy.block_size:
                 return policy
-            return replace(policy, block_size=block_size, candidates=candidates)
+            return replace(policy, block_size=block_size, candidates=candidates, guesses=verify_guesses(policy, 1))
     logger.info_once(f"verify: {rows} rows decode at block size 1, which gives verify's tokens faster here "
                      f"(denoise.VERIFY_PLANS); pass candidates= to draft anyway.")  # fmt: skip
     return replace(policy, block_size=1, verify=False, candidates=0)
@@ -362,7 +367,7 @@ def verify_candidates(policy: DenoisePolicy, rows: int, device) -> int:
     """How many candidate next blocks a verifying forward drafts (docs/design.md 2.6).
 
     A candidate helps only when the verification keeps exactly the prefix it is anchored at, but every candidate
-    costs ``2 x block_size`` query positions in every forward. On a GPU, extra positions are nearly free while a
+    costs ``(1 + guesses) x block_size`` query positions in every forward. On a GPU, extra positions are nearly free while a
     step is bound by reading the weights (small batches), so acceptance lengths get one each up to the budget. On a
     CPU they cost their full compute: one candidate triples a block's query positions, and the quick start's
     verify run (SmolLM2, b=16) took 35 forwards instead of 39 but ran at 5.1 instead of 14.7 tokens/s, so none
@@ -375,8 +380,13 @@ def verify_candidates(policy: DenoisePolicy, rows: int, device) -> int:
     b = policy.block_size
     if torch.device(device).type != "cuda":
         return 0
-    fits = (QUERY_BUDGET // max(rows, 1) // b - 1) // 2
+    fits = (QUERY_BUDGET // max(rows, 1) // b - 1) // (1 + verify_guesses(policy))
     return max(1, min(b, fits))
+
+
+def verify_guesses(policy: DenoisePolicy, default: int = BUDGET_GUESSES) -> int:
+    """Guessing copies per candidate (docs/design.md 2.6): as asked, else ``default`` (:data:`BUDGET_GUESSES`)."""
+    return default if policy.guesses is None else policy.guesses
 
 
 # An engine's slots are sized in steps of this many positions, so that calls with nearby lengths share one.
@@ -403,11 +413,12 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     last engine is kept, so its cache is all the memory held between calls.
     """
     rule, sampling = policy.commit_rule(rows, device), policy.sampling(rows, device)
-    candidates = verify_candidates(policy, rows, device)
+    candidates, guesses = verify_candidates(policy, rows, device), verify_guesses(policy)
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
-           policy.use_cuda_graph, policy.compile_step, candidates, structure_of((rule, sampling)), hash(weights),
+           policy.use_cuda_graph, policy.compile_step, candidates, guesses, structure_of((rule, sampling)),
+           hash(weights),
            DecodeEngine.grouped_sdpa)  # fmt: skip
     holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
     engine = holder.engine
@@ -420,7 +431,7 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     engine = DecodeEngine(model, rows=rows, max_length=length, block_size=policy.block_size, rule=rule,
                           sampling=sampling, confidence=policy.confidence, eos_token_ids=policy.eos_token_ids,
                           pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph,
-                          compile_step=policy.compile_step, candidates=candidates)  # fmt: skip
+                          compile_step=policy.compile_step, candidates=candidates, guesses=guesses)  # fmt: skip
     engine.key = key
     holder.engine = engine
     return engine

@@ -135,10 +135,10 @@ class DecodeEngine:
             takes seconds once per engine, and fused kernels may round differently from eager ones.
         candidates: candidate next blocks each one-forward-verifying row carries (docs/design.md 2.6); 0: none,
             so verifying rows draft and verify in two forwards. Every step then has
-            ``block_size * (1 + candidates)`` query positions per row (twice that with ``guess``).
-        guess: one-forward verify also carries, for every candidate, a copy whose first mask is replaced by a guess
-            of the causal token there (the draft's runner-up at the position the causal model may reject), used
-            when the guess is right.
+            ``block_size * (1 + (1 + guesses) * candidates)`` query positions per row.
+        guesses: one-forward verify also carries, for every candidate, this many copies whose first mask is replaced
+            by a guess of the causal token there (the draft's 2nd, 3rd, ... choice at the position the causal model
+            may reject), one of which is used when it guessed right.
     """
 
     # Whether an sdpa model's forwards run on grouped query heads (attention.py): transformers' sdpa path copies the
@@ -150,7 +150,7 @@ class DecodeEngine:
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
                  use_cuda_graph: bool | None = None, compile_step: bool | None = None, candidates: int = 0,
-                 guess: bool = True):  # fmt: skip
+                 guesses: int = 1):  # fmt: skip
         self.model, self.rows, self.block_size = model, rows, block_size
         self.rule, self.sampling, self.measure = rule, sampling, confidence
         self.mask_token_id = getattr(model.config, "mask_token_id", None)
@@ -172,7 +172,8 @@ class DecodeEngine:
         # (their keys may never land on a committed or verified position); their position ids are the real ones.
         self.candidates = candidates if block_size > 1 else 0
         self.width = block_size  # a candidate: the last kept token (its anchor), then block_size - 1 masks
-        self.groups = 2 if guess else 1  # candidates without, and with, a guess of the causal token they follow
+        self.guesses = guesses if self.candidates else 0
+        self.groups = 1 + self.guesses  # candidates without a guess of the causal token they follow, then with each
         self.queries = block_size + self.groups * self.candidates * self.width
         self.cache = SlotCache(rows, self.slots_per_row + self.groups * self.candidates * self.width)
         self.cache_arg = cache_argument(type(model.model).forward)
@@ -198,7 +199,8 @@ class DecodeEngine:
         self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows whose block holds drafts
         self.row_candidates = torch.zeros(rows, **long)  # candidates a one-forward-verify row uses (<= candidates)
         self.proposal = torch.zeros(rows, block_size, **long)
-        self.runner_up = torch.zeros(rows, block_size + 1, **long)  # the draft's second choice at each position
+        # the draft's next choices at each position (the guesses of its copies), a mask where there is none
+        self.alternatives = torch.zeros(rows, block_size + 1, max(self.guesses, 1), **long)
         self.events = torch.zeros(rows, StepEvents.size(block_size), **long)
         self._table = None  # the last step's events on the host (see committed())
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -346,7 +348,7 @@ class DecodeEngine:
             self._use_graph, self._graph = False, None
 
     _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
-              "ended", "draft_dist", "runner_up")  # fmt: skip
+              "ended", "draft_dist", "alternatives")  # fmt: skip
 
     def _state(self):
         return {name: getattr(self, name).clone() for name in self._STATE if getattr(self, name) is not None}

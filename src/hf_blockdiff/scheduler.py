@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers.utils import logging
 
-from .denoise import dense_attention, resolve_policy, verify_by_default, verify_candidates, verify_plan
+from .denoise import dense_attention, resolve_policy, verify_by_default, verify_candidates, verify_guesses, verify_plan
 from .engine import DecodeEngine
 from .policies import NO_STEP_QUOTA, Sampling, per_row_rule
 from .settings import ENGINE_WIDE, SETTINGS, DecodeSettings, SettingError
@@ -113,6 +113,7 @@ class Scheduler:
             compile_step=self.defaults.compile_step,
             # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
             candidates=0 if self.verify_causally else verify_candidates(verifying, rows, device),
+            guesses=verify_guesses(verifying),
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()

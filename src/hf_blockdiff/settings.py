@@ -48,6 +48,9 @@ class DecodeSettings:
     # verify: candidate next blocks drafted inside each verifying forward (docs/design.md 2.6); None: chosen by the
     # batch; 0: a drafting forward of its own per block
     candidates: int | None = _setting(int)
+    # one-forward verify: guessing copies of every candidate, each with one of the draft's next choices in place of
+    # the mask the causal token will fill (docs/design.md 2.6); None: chosen with the candidates
+    guesses: int | None = _setting(int, ENGINE)
     use_cuda_graph: bool | None = _setting(bool, RUNTIME)  # None: on CUDA
     compile_step: bool | None = _setting(bool, RUNTIME)  # torch.compile the captured step (None: with a graph)
 
@@ -73,6 +76,9 @@ class DecodeSettings:
             value, kind = getattr(self, f.name), f.metadata["kind"]
             if value is not None and not _IS[kind](value):
                 raise SettingError(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}.", f.name)
+        if self.guesses is not None and self.guesses < 0:
+            raise SettingError(f"guesses must be >= 0 (0: candidates without guessing copies), got {self.guesses!r}.",
+                               "guesses")  # fmt: skip
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise SettingError(f"threshold must be in [0, 1], got {self.threshold!r}.", "threshold")
         if self.steps_per_block is not None and self.steps_per_block < 1:
