@@ -440,7 +440,7 @@ def main(argv=None):
     parser.add_argument("--adapter", help="evaluate: an adapter folder or a shipped name")
     parser.add_argument("--dtype", default="bfloat16", help="evaluate: float32 makes '= source greedy' exact")
     parser.add_argument("--eval-blocks", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--plans", nargs="+", default=["15:1"], metavar="C:G",
+    parser.add_argument("--plans", nargs="+", default=["15:1", "3:9"], metavar="C:G",
                         help="evaluate: one-forward verify's candidates and guesses per candidate, each pair a row; "
                              "a step carries b * (1 + (1 + G) * C) query positions per row")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=40)

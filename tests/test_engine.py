@@ -8,7 +8,6 @@ from helpers import DEVICE, EOS, PAD, converted_pair, padded_batch
 from reference_decoder import reference_generate, reference_verify
 from transformers import DynamicCache
 
-from hf_blockdiff.denoise import BUDGET_GUESSES
 from hf_blockdiff.engine import DecodeEngine
 from hf_blockdiff.policies import FixedSteps, RepeatGuard, Sampling, Threshold
 
@@ -270,7 +269,7 @@ def test_verified_decoding_is_block_size_1_decoding(arch, block_size, candidates
     verified = model.generate(ids, block_size=block_size, verify=True, candidates=candidates, guesses=guesses,
                               **kwargs)  # fmt: skip
     engine = model._blockdiff_engine.engine
-    assert engine.guesses == (0 if candidates == 0 else BUDGET_GUESSES if guesses is None else guesses)
+    assert engine.guesses == (0 if candidates == 0 else 1 if guesses is None else guesses)  # (CPU: 1 unless given)
     assert engine.queries == block_size * (1 + (1 + engine.guesses) * engine.candidates)
     assert torch.equal(verified.sequences, ar.sequences)
     assert torch.equal(verified.num_generated_tokens, ar.num_generated_tokens)
@@ -483,24 +482,45 @@ def test_where_drafting_does_not_pay_verify_decodes_at_block_size_1(monkeypatch)
 
 def test_the_query_budget_buys_candidates_or_their_guessing_copies():
     """verify_candidates / verify_guesses on CUDA (decided without a GPU): where the plan fills QUERY_BUDGET, the
-    candidates are what fits beside their guessing copies (BUDGET_GUESSES unless guesses are given); a plan with
-    a fixed candidate count keeps the one guess it was measured with; a CPU drafts in a forward of its own."""
+    candidates are the most that fit with GUESS_RATIO copies each, and the copies fill the rest (b=16 at batch 1:
+    3 x 9, the best split measured); given guesses, the candidates fill the budget beside them; a plan with a fixed
+    candidate count keeps one copy; a CPU drafts in a forward of its own."""
     from dataclasses import replace
 
-    from hf_blockdiff.denoise import QUERY_BUDGET, resolve_policy, verify_candidates, verify_guesses, verify_plan
+    from hf_blockdiff.denoise import (
+        GUESS_RATIO,
+        QUERY_BUDGET,
+        resolve_policy,
+        verify_candidates,
+        verify_guesses,
+        verify_plan,
+    )
 
     model = pair("llama", 16)
     policy = resolve_policy(model, 4, None, {"max_new_tokens": 8, "block_size": 16, "verify": True})
-    for guesses in (None, 0, 1, 3, 9):
-        asked = replace(policy, guesses=guesses)
-        candidates, copies = verify_candidates(asked, 1, "cuda"), 1 + verify_guesses(asked)
-        assert copies == 1 + (BUDGET_GUESSES if guesses is None else guesses)
-        assert 16 * (1 + copies * candidates) <= QUERY_BUDGET  # within the budget ...
-        assert candidates == 16 or 16 * (1 + copies * (candidates + 1)) > QUERY_BUDGET  # ... and as many as fit
-    planned = verify_plan(policy, 16, "cuda")  # 16 rows: b=4 with one candidate, as measured (VERIFY_PLANS)
-    assert (planned.block_size, planned.candidates, verify_guesses(planned)) == (4, 1, 1)
-    assert verify_guesses(verify_plan(replace(policy, guesses=5), 16, "cuda")) == 5  # a given count is kept
-    assert verify_candidates(policy, 1, "cpu") == 0
+
+    def split(asked, rows):
+        candidates = verify_candidates(asked, rows, "cuda")
+        return candidates, verify_guesses(asked, rows, "cuda", candidates)
+
+    assert split(policy, 1) == (3, 9)
+    for rows in (1, 2, 3, 4):
+        units = QUERY_BUDGET // rows // 16 - 1
+        candidates, guesses = split(policy, rows)
+        assert candidates * (1 + guesses) <= units < candidates * (2 + guesses)  # the copies fill the budget
+        assert (
+            candidates * (1 + GUESS_RATIO * candidates)
+            <= units
+            < (candidates + 1) * (1 + GUESS_RATIO * (candidates + 1))
+        )
+    for guesses in (0, 1, 9):
+        candidates = split(replace(policy, guesses=guesses), 1)[0]
+        assert 16 * (1 + (1 + guesses) * candidates) <= QUERY_BUDGET  # within the budget ...
+        assert candidates == 16 or 16 * (1 + (1 + guesses) * (candidates + 1)) > QUERY_BUDGET  # ... as many as fit
+    planned = verify_plan(policy, 16, "cuda")  # 16 rows: b=4 with one candidate and one copy, as measured
+    assert (planned.block_size, planned.candidates, verify_guesses(planned, 16, "cuda", 1)) == (4, 1, 1)
+    assert verify_guesses(verify_plan(replace(policy, guesses=5), 16, "cuda"), 16, "cuda", 1) == 5  # given: kept
+    assert split(policy, 64)[0] == 1 and verify_candidates(policy, 1, "cpu") == 0
 
 
 def test_where_verify_is_the_default_generate_gives_block_size_1_tokens(monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -332,11 +333,13 @@ QUERY_BUDGET = 512
 #   batch 16: b=4 with 1 candidate 1.10x, b=8 with 1 candidate 0.93x (engine_refactor_b16_64.md);
 #   batch 64: b=4 with 1 candidate 0.97x (verify_contiguous.md).
 VERIFY_PLANS = ((5, None, None), (64, 4, 1))
-# Guessing copies per candidate where a plan's candidates fill QUERY_BUDGET (no ``guesses`` given; the plans with a
-# fixed candidate count were measured with 1). At batch 1 the budget buys candidates or their copies: CPU, fp32,
-# SmolLM2 + drafter run 4 at step 860, 6 chat prompts, 48 tokens, b=16 (drafter_guesses_cpu_fp32.json):
-# 15 candidates x 0 guesses 1.600 tokens per forward, 15 x 1 1.725, 7 x 3 1.882, 3 x 9 2.000.
-BUDGET_GUESSES = 3
+# Guessing copies per candidate where QUERY_BUDGET sets both (no ``candidates`` nor ``guesses`` given): the
+# candidates are what fits with this many copies each, the copies then fill the rest. At batch 1 the budget buys
+# candidates or copies: CPU, fp32, SmolLM2 + drafter run 4 at step 860, 6 chat prompts, 48 tokens, b=16, about 480
+# query positions each (benchmarks/results/drafter_guesses_cpu_fp32.json), tokens per forward by candidates x
+# copies: 15 x 0 1.600, 15 x 1 1.725, 7 x 3 1.882, 5 x 5 1.946, 3 x 9 2.000, 2 x 14 1.973, 1 x 30 1.745.
+# A plan with a fixed candidate count keeps the one copy it was measured with.
+GUESS_RATIO = 3
 
 
 def verify_plans(device):
@@ -357,7 +360,7 @@ def verify_plan(policy: DenoisePolicy, rows: int, device) -> DenoisePolicy:
         if rows < below:
             if block_size is None or block_size >= policy.block_size:
                 return policy
-            return replace(policy, block_size=block_size, candidates=candidates, guesses=verify_guesses(policy, 1))
+            return replace(policy, block_size=block_size, candidates=candidates)
     logger.info_once(f"verify: {rows} rows decode at block size 1, which gives verify's tokens faster here "
                      f"(denoise.VERIFY_PLANS); pass candidates= to draft anyway.")  # fmt: skip
     return replace(policy, block_size=1, verify=False, candidates=0)
@@ -380,13 +383,27 @@ def verify_candidates(policy: DenoisePolicy, rows: int, device) -> int:
     b = policy.block_size
     if torch.device(device).type != "cuda":
         return 0
-    fits = (QUERY_BUDGET // max(rows, 1) // b - 1) // (1 + verify_guesses(policy))
+    units = _budget_units(policy, rows)
+    if policy.guesses is not None:
+        fits = units // (1 + policy.guesses)
+    else:  # the most candidates with GUESS_RATIO copies each: C * (1 + GUESS_RATIO * C) <= units
+        fits = int((math.sqrt(1 + 4 * GUESS_RATIO * units) - 1) / (2 * GUESS_RATIO))
     return max(1, min(b, fits))
 
 
-def verify_guesses(policy: DenoisePolicy, default: int = BUDGET_GUESSES) -> int:
-    """Guessing copies per candidate (docs/design.md 2.6): as asked, else ``default`` (:data:`BUDGET_GUESSES`)."""
-    return default if policy.guesses is None else policy.guesses
+def verify_guesses(policy: DenoisePolicy, rows: int, device, candidates: int) -> int:
+    """Guessing copies per candidate (docs/design.md 2.6) of ``candidates`` (:func:`verify_candidates`): as asked;
+    else, where the budget set the candidates, what of it they leave (:data:`GUESS_RATIO`); else 1."""
+    if policy.guesses is not None or not candidates:
+        return policy.guesses or 0
+    if policy.candidates is not None or torch.device(device).type != "cuda":
+        return 1
+    return max(1, _budget_units(policy, rows) // candidates - 1)
+
+
+def _budget_units(policy: DenoisePolicy, rows: int) -> int:
+    """Blocks of query positions (candidates and their copies) that fit beside each row's block in QUERY_BUDGET."""
+    return max(0, QUERY_BUDGET // max(rows, 1) // policy.block_size - 1)
 
 
 # An engine's slots are sized in steps of this many positions, so that calls with nearby lengths share one.
@@ -413,7 +430,8 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     last engine is kept, so its cache is all the memory held between calls.
     """
     rule, sampling = policy.commit_rule(rows, device), policy.sampling(rows, device)
-    candidates, guesses = verify_candidates(policy, rows, device), verify_guesses(policy)
+    candidates = verify_candidates(policy, rows, device)
+    guesses = verify_guesses(policy, rows, device, candidates)
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,

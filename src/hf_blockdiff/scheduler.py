@@ -106,14 +106,14 @@ class Scheduler:
         # server was given a threshold or a step quota.
         self.verify_default = asked.verify if asked.verify is not None else (
             self.block_size > 1 and verify_by_default(model) and not asked.asks_threshold_decoding())  # fmt: skip
+        candidates = 0 if self.verify_causally else verify_candidates(verifying, rows, device)
         self.engine = DecodeEngine(
             model, rows=rows, max_length=max_length, block_size=self.block_size, rule=self.rule,
             sampling=self.sampling, confidence=self.defaults.confidence, eos_token_ids=self.defaults.eos_token_ids,
             pad_token_id=self.defaults.pad_token_id, use_cuda_graph=self.defaults.use_cuda_graph,
             compile_step=self.defaults.compile_step,
             # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
-            candidates=0 if self.verify_causally else verify_candidates(verifying, rows, device),
-            guesses=verify_guesses(verifying),
+            candidates=candidates, guesses=verify_guesses(verifying, rows, device, candidates),
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()
