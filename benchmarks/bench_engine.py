@@ -171,9 +171,15 @@ def run_hf(source, groups, eos, static, time_fn, new=NEW_TOKENS):
                 cache=cache, slots=slots)  # fmt: skip
 
 
-def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, **settings):
+def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, key_window=True, **settings):
+    from hf_blockdiff.engine import DecodeEngine
+
     kwargs = dict(max_new_tokens=new, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **settings)
-    ms, outs, peak = run_groups(lambda inputs: model.generate(**inputs, **kwargs), groups, time_fn)
+    DecodeEngine.key_window = key_window  # read at every step, so a reused engine follows it too
+    try:
+        ms, outs, peak = run_groups(lambda inputs: model.generate(**inputs, **kwargs), groups, time_fn)
+    finally:
+        DecodeEngine.key_window = True
     tokens = torch.cat([out.num_generated_tokens.float().cpu() for out in outs])
     row_forwards = torch.cat([out.row_forward_passes.float().cpu() for out in outs])
     texts = [t for inputs, out in zip(groups, outs)
@@ -191,7 +197,11 @@ def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, **settings):
 
 def decoder_setting(setting: str) -> tuple[str, dict]:
     """(name, generate() settings) of a --settings entry: ``default`` (generate()'s own), ``b:threshold[:eager]``
-    or ``b:verify[:candidates[:guesses]]``."""
+    or ``b:verify[:candidates[:guesses]]``; prefixed ``all:``, the engine attends every slot of its cache instead of
+    the valid prefix (``DecodeEngine.key_window`` off: the A/B of that)."""
+    if setting.startswith("all:"):
+        name, settings = decoder_setting(setting[len("all:") :])
+        return f"{name}, all keys", {**settings, "key_window": False}
     if setting == "default":
         return "ours default", {}
     size, threshold, *extra = setting.split(":")
@@ -260,7 +270,8 @@ def main(argv=None):
                         default=["1:1.0", "16:0.9", "16:verify:0", "16:verify", "8:verify"],
                         help="block_size:threshold[:eager] for our decoder (eager: compile_step=False), or "
                         "block_size:verify[:candidates[:guesses]] (lossless verified decoding; candidates 0: two "
-                        "forwards per block; left out: chosen by the batch; guesses: per candidate), or default (generate()'s own settings)")  # fmt: skip
+                        "forwards per block; left out: chosen by the batch; guesses: per candidate), or default (generate()'s own settings); "
+                        "any of them prefixed all: attends every cache slot instead of the valid prefix")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for the exactness check")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate() (e.g. the fp32 exactness run)")
     parser.add_argument("--no-hf-eager", action="store_true", help="HF static only (eager is slow and no baseline)")

@@ -35,13 +35,17 @@ for step in "$@"; do case $step in
     log bench generate smollm2; $PY benchmarks/bench_generate.py --model "$GGUF" --out generate_smollm2 2>&1 | grep -v "^{" | tail -45
     log bench generate 1.5b; $PY benchmarks/bench_generate.py --shape qwen2-1.5b --thresholds 0.0 1.0 --out generate_qwen2-1.5b 2>&1 | grep -v "^{" | tail -25
     cp benchmarks/results/generate_* "$OUT/" ;;
-  bench-engine)  # BATCHES, SETTINGS, NAME, EXTRA (e.g. "--dtype float32 --no-hf"), ADAPTER from the environment
+  bench-engine)  # BATCHES, SETTINGS, NAME, REPEATS, EXTRA (e.g. "--dtype float32 --no-hf"), ADAPTER from the environment.
+    # HF eager is left out (HF_EAGER=1 keeps it): it is no baseline, and at batch 1 over 40 prompts it alone takes
+    # about 2 minutes per repeat.
     log bench engine $NAME; $PY benchmarks/bench_engine.py --model "$GGUF" --adapter "${ADAPTER:-smollm2-bd16}" --batches ${BATCHES:-1 16 64} \
-      --settings ${SETTINGS:-1:1.0 16:0.9 16:verify:0 16:verify 8:verify} --contexts ${EXTRA:-} --out "${NAME:-engine_verify}" 2>&1 \
+      --settings ${SETTINGS:-1:1.0 16:0.9 16:verify:0 16:verify 8:verify} --contexts --repeats "${REPEATS:-1}" \
+      $([ "${HF_EAGER:-0}" = 1 ] || echo --no-hf-eager) ${EXTRA:-} --out "${NAME:-engine_verify}" 2>&1 \
       | tee "$OUT/${NAME:-engine_verify}.log" | grep -v "^{" | tail -40; cp benchmarks/results/"${NAME:-engine_verify}".* "$OUT/" ;;
-  bench-grid)  # issue 20: batch x context, HF static vs ours b=1 vs the default decoding, with memory. One process per
-    # model and batch (each under GRID_TIMEOUT s), merged into one table per model. MODELS (smollm2 and/or shapes
-    # of benchmarks/common.py), BATCHES, CONTEXTS, REPEATS, ADAPTER (smollm2's; empty: none) from the environment
+  bench-grid)  # issue 20: batch x context, HF static vs ours b=1 (valid-prefix keys, then all keys) vs the default
+    # decoding, with memory. One process per model and batch (each under GRID_TIMEOUT s), merged into one table per
+    # model. MODELS (smollm2 and/or shapes of benchmarks/common.py), BATCHES, CONTEXTS, CONTEXT_SETTINGS, REPEATS,
+    # ADAPTER (smollm2's; empty: none) from the environment
     for m in ${MODELS:-smollm2 qwen2-1.5b}; do
       if [ "$m" = smollm2 ]; then src=(--model "$GGUF"); [ -n "${ADAPTER-smollm2-bd16}" ] && src+=(--adapter "${ADAPTER-smollm2-bd16}")
       else src=(--shape "$m"); fi
@@ -49,7 +53,8 @@ for step in "$@"; do case $step in
       for b in $batches; do
         log bench grid $m batch $b; rm -f benchmarks/results/grid_"${m}_b${b}"_contexts.* benchmarks/results/"$name".*
         timeout -k 10 "${GRID_TIMEOUT:-300}" $PY benchmarks/bench_engine.py "${src[@]}" --no-chat --batches "$b" \
-          --contexts ${CONTEXTS:-128 1024 4096} --repeats "${REPEATS:-3}" --out "grid_${m}_b$b" 2>&1 \
+          --contexts ${CONTEXTS:-128 1024 4096} --context-settings ${CONTEXT_SETTINGS:-1:1.0 all:1:1.0 default} \
+          --repeats "${REPEATS:-3}" --out "grid_${m}_b$b" 2>&1 \
           | grep -v "^{\|^|\|^$\|^# \|^Device: \|^Prompts: " | tail -8
         rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || echo "grid $m batch $b: exit $rc (124: past GRID_TIMEOUT; its rows so far are kept)"
         parts+=("grid_${m}_b${b}_contexts")  # in $OUT at once (a call cut short keeps it; --merge it there later)
@@ -59,6 +64,9 @@ for step in "$@"; do case $step in
       [ -f benchmarks/results/"$name".json ] && cp benchmarks/results/"$name".* "$OUT/" \
         && for part in "${parts[@]}"; do rm -f "$OUT/$part.json"; done  # (at most 8 files come back from $OUT)
     done ;;
+  bench-attention)  # issue 20: one layer's decode attention by kernel (sdpa over all slots / the valid window, flex)
+    log bench attention; timeout 500 $PY benchmarks/bench_attention.py 2>&1 | grep -v "^{" | tail -60
+    cp benchmarks/results/attention_kernels.* "$OUT/" ;;
   bench-serve)  # CONCURRENCY from the environment
     log bench serve; timeout 540 $PY benchmarks/bench_serve.py --model "$GGUF" --adapter smollm2-bd16 --concurrency ${CONCURRENCY:-1 8 32} \
       2>&1 | grep -v "^{" | tail -20; cp benchmarks/results/serve_smollm2.* "$OUT/" ;;

@@ -28,6 +28,7 @@ def main(argv=None):
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--candidates", type=int, default=None, help="profile verified decoding with this many "
                         "candidates (0: two forwards per block) instead of threshold decoding")  # fmt: skip
+    parser.add_argument("--guesses", type=int, default=None, help="guessing copies per candidate (with --candidates)")
     args = parser.parse_args(argv)
     if args.model:
         from bench_engine import load
@@ -43,6 +44,8 @@ def main(argv=None):
     if args.candidates is not None:
         kwargs.pop("threshold")
         kwargs.update(verify=True, candidates=args.candidates)
+        if args.guesses is not None:
+            kwargs.update(guesses=args.guesses)
     with torch.no_grad():
         model.generate(ids, **kwargs)  # warm-up
         torch.cuda.synchronize()
@@ -59,10 +62,14 @@ def main(argv=None):
                  "us/step": total})  # fmt: skip
     what = args.model or args.shape
     how = "" if args.candidates is None else f", verify with {args.candidates} candidates"
-    name = f"profile_engine_{Path(what).stem}_b{args.batch}" + (
-        "" if args.candidates is None else f"_c{args.candidates}"
+    how += "" if args.guesses is None else f" x {args.guesses} guesses"
+    name = (
+        f"profile_engine_{Path(what).stem}_b{args.batch}_k{args.block_size}_ctx{args.context}"
+        + ("" if args.candidates is None else f"_c{args.candidates}")
+        + ("" if args.guesses is None else f"_g{args.guesses}")
     )
-    save(name, f"Engine step kernels: {what}, batch {args.batch}, block {args.block_size}{how}, eager", rows,
+    save(name, f"Engine step kernels: {what}, batch {args.batch}, block {args.block_size}, context {args.context}"
+         f"{how}, eager", rows,
          columns=["kernel", "calls/step", "us/step"])  # fmt: skip
 
 

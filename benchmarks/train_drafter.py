@@ -179,7 +179,8 @@ def drafter_trainer(args, rows, output_dir: Path, callbacks):
         save_strategy="no", report_to=[], max_length=args.max_length, block_size=args.block_size,
         adapter_scope="noisy", whole_block_noise=args.whole_block_noise, growth_start=args.growth_start,
         growth_interval_steps=max(1, int(args.total_steps * args.growth_fraction / growth_sizes)),
-        certainty_loss_weight=args.certainty, dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
+        certainty_loss_weight=args.certainty, soft_label_weight=args.soft_labels,
+        dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
         pad_to_multiple_of=args.pad_to_multiple_of or None, torch_compile=args.compile,
     )  # fmt: skip
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -418,6 +419,8 @@ def main(argv=None):
     parser.add_argument("--growth-fraction", type=float, default=0.1, help="share of the run spent growing")
     parser.add_argument("--whole-block-noise", type=float, default=0.5)
     parser.add_argument("--certainty", type=float, default=0.0)
+    parser.add_argument("--soft-labels", type=float, default=0.0,
+                        help="weight of the soft-label term (KL from the source's distribution; 0: off)")  # fmt: skip
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-rows", type=int, default=None,
                         help="train: the first N rows of --targets (the rows a run started with, once more are added)")  # fmt: skip

@@ -153,8 +153,11 @@ def test_losses_equal_slow_reference(arch, backend):
             input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels, block_size=BLOCK
         )
         ar_expected = source(ids, attention_mask=am, position_ids=pos, labels=labels).loss
+        # soft labels: the causal model's next-token distribution (the converted model's plain forward)
+        causal = model(ids, attention_mask=am, position_ids=pos).logits.float()
+    causal[..., model.config.mask_token_id] = float("-inf")
 
-    total, count, entropy_correct, correct = 0.0, 0, 0.0, 0
+    total, count, entropy_correct, correct, kl = 0.0, 0, 0.0, 0, 0.0
     for r in range(ids.shape[0]):
         keys = grid_keys(labels[r].tolist(), am[r].tolist(), BLOCK)
         valid = am[r].bool().tolist()
@@ -173,6 +176,8 @@ def test_losses_equal_slow_reference(arch, backend):
                     total += torch.nn.functional.cross_entropy(logits[i - 1 : i], labels[r, j : j + 1]).item()
                     count += 1
                     probs = logits[i - 1].softmax(-1)
+                    p = causal[r, j - 1].softmax(-1)  # what the clean copy predicts at j from the true prefix
+                    kl += (p[p > 0] * (p[p > 0].log() - probs[p > 0].log())).sum().item()
                     if probs.argmax() == labels[r, j]:
                         entropy_correct += -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
                         correct += 1
@@ -186,6 +191,35 @@ def test_losses_equal_slow_reference(arch, backend):
     assert count > correct >= count // 2 > 0  # right where made right, and (a random model) rarely elsewhere
     torch.testing.assert_close(forced.certainty_loss.item(), entropy_correct / correct, rtol=TOL * 10, atol=TOL * 10)
     torch.testing.assert_close(forced.loss, out.loss + 0.3 * forced.certainty_loss)
+    with torch.no_grad():
+        soft = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, position_ids=pos, labels=labels,
+                     block_size=BLOCK, soft_label_weight=0.4)  # fmt: skip
+    assert out.soft_label_loss is None and soft.certainty_loss is None
+    torch.testing.assert_close(soft.soft_label_loss.item(), kl / count, rtol=TOL * 10, atol=TOL * 10)
+    torch.testing.assert_close(soft.loss, out.loss + 0.4 * soft.soft_label_loss)
+
+
+def test_soft_labels_of_several_copies_are_each_copy_s_own():
+    """With complementary noise (two noisy copies sharing one clean copy) every masked position of either copy is
+    taught by the clean row at its position: the summed KL equals the sums of each copy run alone."""
+    from hf_blockdiff import NoiseSampler
+
+    _, model, _ = converted_pair("qwen2", block_size=BLOCK)
+    ids, am, labels, _, pos = layout(model.config.mask_token_id, seed=3)
+    noisy = NoiseSampler(model.config.mask_token_id, complementary=True)(
+        ids, am, labels, BLOCK, generator=torch.Generator().manual_seed(0)
+    ).noisy_input_ids
+    assert noisy.shape[1] == 2
+
+    def summed_kl(copies):
+        with torch.no_grad():
+            out = model(input_ids=ids, noisy_input_ids=copies, attention_mask=am, position_ids=pos, labels=labels,
+                        block_size=BLOCK, soft_label_weight=1.0)  # fmt: skip
+        return out.soft_label_loss * out.num_masked_tokens
+
+    alone = summed_kl(noisy[:, 0]) + summed_kl(noisy[:, 1])
+    assert alone > 0
+    torch.testing.assert_close(summed_kl(noisy), alone, rtol=TOL, atol=TOL)
 
 
 def test_chunked_loss_equals_direct_loss(monkeypatch):
@@ -198,9 +232,10 @@ def test_chunked_loss_equals_direct_loss(monkeypatch):
         _, model, _ = converted_pair("llama", block_size=BLOCK)
         ids, am, labels, noisy, pos = layout(model.config.mask_token_id, seed=2)
         out = model(input_ids=ids, noisy_input_ids=noisy, attention_mask=am, labels=labels, block_size=BLOCK,
-                    certainty_loss_weight=0.5)  # fmt: skip
+                    certainty_loss_weight=0.5, soft_label_weight=0.3)  # fmt: skip
         out.loss.backward()
-        results.append((out.loss.detach(), out.certainty_loss.detach(), model.lm_head.weight.grad.clone()))
+        results.append((out.loss.detach(), out.certainty_loss.detach(), out.soft_label_loss.detach(),
+                        model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))  # fmt: skip
     for direct, chunked in zip(*results):
         torch.testing.assert_close(chunked, direct, rtol=TOL, atol=TOL)
 

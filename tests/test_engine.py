@@ -14,6 +14,14 @@ from hf_blockdiff.policies import FixedSteps, RepeatGuard, Sampling, Threshold
 MAX_NEW = 20
 
 
+@pytest.fixture(autouse=True)
+def small_key_windows(monkeypatch):
+    """Every engine here attends a key window that grows during its run (1, 2, 4, ... positions past the scratch
+    slots), so the tests against the reference decoders cover windowed attention; the default (256 positions and
+    up) covers all slots of these short runs, which the rest of the suite tests."""
+    monkeypatch.setattr(DecodeEngine, "MIN_WINDOW", 1)
+
+
 def pair(arch, block_size):
     """A converted tiny model in float64: the engine and the reference compute the same logits in different orders,
     and in float32 a near-tie between two masked positions' confidences can flip on that rounding."""
@@ -156,9 +164,9 @@ def test_committed_cache_equals_a_causal_prefill():
         fresh = DynamicCache()
         model(torch.tensor([sequence], device=DEVICE), past_key_values=fresh, use_cache=True)
         for layer, ref in enumerate(fresh.layers):
-            torch.testing.assert_close(engine.cache.keys[layer][r, :, :committed], ref.keys[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(engine.cache.values[layer][r, :, :committed], ref.values[0], rtol=1e-5,
-                                       atol=1e-5)  # fmt: skip
+            keys, values = engine.cache.positions(layer)
+            torch.testing.assert_close(keys[r, :, :committed], ref.keys[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values[r, :, :committed], ref.values[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_freed_slot_takes_a_new_request_mid_flight():
@@ -540,3 +548,32 @@ def test_where_verify_is_the_default_generate_gives_block_size_1_tokens(monkeypa
     assert torch.equal(verified.sequences, ar) and verified.rejected_drafts != [[]] * 3
     assert torch.equal(model.generate(ids, threshold=0.1, **kwargs).sequences, by_threshold.sequences)
     assert torch.equal(model.generate(ids, verify=False, threshold=0.1, **kwargs).sequences, by_threshold.sequences)
+
+
+@pytest.mark.parametrize("candidates,guesses", [(0, 0), (3, 2)])
+def test_the_key_window_grows_with_the_rows_and_changes_no_token(candidates, guesses):
+    """A step attends the scratch slots and a power-of-two window of positions that holds every busy row's tokens
+    and block; it grows as the rows do, and the tokens equal those of attention over every slot."""
+    model = pair("mistral", 4)  # (a sliding window too: it is measured on positions, never on the key index)
+    prompts = prompts_of([9, 2, 5], seed=5)
+    runs = {}
+    for key_window in (True, False):
+        engine = DecodeEngine(model, 3, 48, 4, rule_for("threshold", 0.9, 3), sampling_for(3), eos_token_ids=[EOS],
+                              pad_token_id=PAD, candidates=candidates, guesses=guesses)  # fmt: skip
+        engine.key_window = key_window
+        seen, step = [], engine.step
+
+        def spy(step=step, engine=engine, seen=seen):
+            events = step()
+            seen.append(engine.cache.window)
+            return events
+
+        engine.step = spy
+        runs[key_window] = decode_rows(engine, prompts, verify=True), seen, engine
+    (windowed, seen, engine), (full, unwindowed, _) = runs[True], runs[False]
+    assert windowed == full
+    assert set(unwindowed) == {None}
+    positions = [w - engine.scratch for w in seen]
+    assert positions == sorted(positions) and len(set(positions)) >= 2  # it grew during the run
+    assert max(positions) < engine.slots_per_row
+    assert all(p & (p - 1) == 0 for p in positions)  # powers of two: few graphs

@@ -56,9 +56,9 @@ def losses_and_grads(model, fused_loss, mask_last=False, **kwargs):
         input_ids=ids, noisy_input_ids=noisy, attention_mask=am, labels=labels, fused_loss=fused_loss, **kwargs
     )
     out.loss.backward()
-    values = [out.loss, out.diffusion_loss, out.ar_loss] + (
-        [out.certainty_loss] if out.certainty_loss is not None else []
-    )
+    values = [out.loss, out.diffusion_loss, out.ar_loss] + [
+        extra for extra in (out.certainty_loss, out.soft_label_loss) if extra is not None
+    ]
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return [v.detach() for v in values], grads
 
@@ -70,6 +70,8 @@ CASES = {
     "complementary + certainty": dict(complementary=True, certainty_loss_weight=0.3),
     "ar weight 0": dict(ar_loss_weight=0.0),
     "block size 1": dict(block_size=1),
+    "soft labels": dict(soft_label_weight=0.7),
+    "soft labels, ar weight 0": dict(soft_label_weight=0.7, ar_loss_weight=0.0),
 }
 # (diffusion-row call, AR-row call) the stand-in sees; None = that group stays on the chunked path.
 EXPECTED_CALLS = {
@@ -79,6 +81,8 @@ EXPECTED_CALLS = {
     "complementary + certainty": (None, "sum"),
     "ar weight 0": ("sum", "sum"),
     "block size 1": (None, "sum"),
+    "soft labels": (None, "sum"),
+    "soft labels, ar weight 0": (None, "sum"),
 }
 
 

@@ -229,13 +229,17 @@ def test_self_distillation_trains_on_the_models_own_greedy_decoding(tmp_path, mo
     assert len(again.train_dataset) == 6  # read back from output_dir/self_distillation
 
 
-def test_certainty_loss_is_logged_when_on(tmp_path):
-    args = config(tmp_path, block_growth=False, max_steps=3, certainty_loss_weight=0.5)
+@pytest.mark.parametrize("term,setting", [("certainty_loss", "certainty_loss_weight"),
+                                          ("soft_label_loss", "soft_label_weight")])  # fmt: skip
+def test_an_extra_loss_term_is_logged_when_on(tmp_path, term, setting):
+    args = config(tmp_path, block_growth=False, max_steps=3, **{setting: 0.5})
     trainer = BlockDiffusionTrainer(
         source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer()
     )
     trainer.train()
-    assert any("certainty_loss" in entry for entry in trainer.state.log_history)
+    assert any(term in entry for entry in trainer.state.log_history)
+    with pytest.raises(ValueError, match=f"{setting} must be >= 0"):
+        config(tmp_path, **{setting: -0.1})
 
 
 def test_self_distillation_can_keep_only_trajectories_that_end(tmp_path):

@@ -330,14 +330,17 @@ QUERY_BUDGET = 512
 #   batch 1: b=8 / 16 with budget candidates 1.55-1.67x (engine_verify_h200.md);
 #   batch 4: b=8 with budget candidates 1.09x, batch 8: 0.83x (verify_crossover.md, before the LM head's strided
 #     input was fixed, which made every plan with candidates slower);
-#   batch 16: b=4 with 1 candidate 1.10x, b=8 with 1 candidate 0.93x (engine_refactor_b16_64.md);
+#   batch 16: b=4 with 1 candidate 1.10x, b=8 with 1 candidate 0.93x (engine_refactor_b16_64.md); 1.32x in a later
+#     run (engine_guesses_b16_64.md);
 #   batch 64: b=4 with 1 candidate 0.97x (verify_contiguous.md).
 VERIFY_PLANS = ((5, None, None), (64, 4, 1))
 # Guessing copies per candidate where QUERY_BUDGET sets both (no ``candidates`` nor ``guesses`` given): the
 # candidates are what fits with this many copies each, the copies then fill the rest. At batch 1 the budget buys
 # candidates or copies: CPU, fp32, SmolLM2 + drafter run 4 at step 860, 6 chat prompts, 48 tokens, b=16, about 480
 # query positions each (benchmarks/results/drafter_guesses_cpu_fp32.json), tokens per forward by candidates x
-# copies: 15 x 0 1.600, 15 x 1 1.725, 7 x 3 1.882, 5 x 5 1.946, 3 x 9 2.000, 2 x 14 1.973, 1 x 30 1.745.
+# copies: 15 x 0 1.600, 15 x 1 1.725, 7 x 3 1.882, 5 x 5 1.946, 3 x 9 2.000, 2 x 14 1.973, 1 x 30 1.745. On an H200
+# (bf16, smollm2-bd16, 40 chat prompts alone; engine_guesses_b1.md) 3 x 9 gave 2.47 tokens per forward and 2.65x HF
+# static, 15 x 1 2.29 and 2.14x.
 # A plan with a fixed candidate count keeps the one copy it was measured with.
 GUESS_RATIO = 3
 

@@ -4,9 +4,14 @@
 Hub-portable: imports only torch, transformers and its sibling files.
 
 - :class:`SlotCache` preallocates keys and values for ``rows`` slots of ``length`` positions; a slot's position
-  ``p`` lives at index ``p``. Every forward writes its tokens in place at their own positions: no copies, and
-  rows need not be aligned. A denoising step writes its block's provisional keys and values too; the
-  context-causal mask keeps every committed token from seeing them, and the block's commit overwrites them.
+  ``p`` lives at index ``front + p``, after the scratch slots of one-forward verify's candidate blocks. Every
+  forward writes its tokens in place at their own positions: no copies, and rows need not be aligned. A
+  denoising step writes its block's provisional keys and values too; the context-causal mask keeps every
+  committed token from seeing them, and the block's commit overwrites them.
+- A step attends only the valid prefix: the scratch slots and the first ``window`` positions, the smallest
+  power of two (at least :attr:`DecodeEngine.MIN_WINDOW`) that holds every busy row's committed tokens and
+  block. The host knows each row's length without reading the GPU, so the window costs no sync; on CUDA each
+  window has a graph of its own.
 - :meth:`DecodeEngine.step` runs one forward of shape ``[rows, block_size]`` in which each row takes its own
   next action: a denoising step of its block, or the causal commit of its finished block (its last logit gives
   the next block's first token). The action is an input of the mask, so one CUDA graph per
@@ -65,18 +70,20 @@ class StepEvents(NamedTuple):
 class SlotCache(Cache):
     """Static KV cache with per-row write positions (see the module docstring).
 
-    Before each forward the engine sets ``write_index`` (``(n, q)``: the position of every input token) and
-    ``rows`` (None for all slots, or the ``(n,)`` slots a smaller forward covers). Buffers are allocated on the
-    first write, from the shapes the attention layers hand over.
+    Before each forward the engine sets ``write_index`` (``(n, q)``: the cache index of every input token),
+    ``rows`` (None for all slots, or the ``(n,)`` slots a smaller forward covers) and ``window`` (attention reads
+    indices ``0 .. window``; None: all). Buffers are allocated on the first write, from the shapes the attention
+    layers hand over. The first ``front`` indices are scratch slots; position ``p`` lives at ``front + p``.
     """
 
-    def __init__(self, rows: int, length: int):
+    def __init__(self, rows: int, length: int, front: int = 0):
         super().__init__(layers=[])
-        self.num_rows, self.length = rows, length
+        self.num_rows, self.length, self.front = rows, length, front
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.write_index: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
+        self.window: int | None = None
 
     def __len__(self):
         return len(self.keys)
@@ -91,15 +98,20 @@ class SlotCache(Cache):
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros(shape))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        window = slice(None, self.window)
         if self.rows is None:
             index = self.write_index[:, None, :, None].expand_as(key_states)
             keys.scatter_(2, index, key_states)
             values.scatter_(2, index, value_states)
-            return keys, values
+            return keys[:, :, window], values[:, :, window]
         rows, index = self.rows.unsqueeze(1), self.write_index
         keys[rows, :, index] = key_states.transpose(1, 2)
         values[rows, :, index] = value_states.transpose(1, 2)
-        return keys[self.rows], values[self.rows]
+        return keys[self.rows, :, window], values[self.rows, :, window]
+
+    def positions(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a layer at the slots' positions (index ``p`` = position ``p``), as views."""
+        return self.keys[layer_idx][:, :, self.front :], self.values[layer_idx][:, :, self.front :]
 
 
 @dataclass
@@ -111,6 +123,7 @@ class Slot:
     do_sample: bool = False
     verify: bool = False
     busy: bool = False
+    prompt_length: int = 0
     tokens: list[int] = field(default_factory=list)  # committed so far (blocks are appended when complete)
     block_starts: list[int] = field(default_factory=list)  # where each completed block begins in ``tokens``
     rejected: list[tuple[int, list[int]]] = field(default_factory=list)  # verify: (where, drafted tokens dropped)
@@ -146,6 +159,10 @@ class DecodeEngine:
     # either way. False (on the class, or on one engine before its first step: a captured graph keeps its path)
     # measures the stock path (benchmarks/bench_engine.py --stock-sdpa); generate() builds a new engine for it.
     grouped_sdpa = True
+    # Whether a step attends only the valid prefix of the cache (see the module docstring) instead of all of it; the
+    # same tokens either way. False (before the first step, as above) measures attention over every slot.
+    key_window = True
+    MIN_WINDOW = 256  # the smallest window: fewer graphs for short requests, which cost the same anyway
 
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
@@ -175,7 +192,8 @@ class DecodeEngine:
         self.guesses = guesses if self.candidates else 0
         self.groups = 1 + self.guesses  # candidates without a guess of the causal token they follow, then with each
         self.queries = block_size + self.groups * self.candidates * self.width
-        self.cache = SlotCache(rows, self.slots_per_row + self.groups * self.candidates * self.width)
+        self.scratch = self.groups * self.candidates * self.width  # scratch slots, in front of the positions
+        self.cache = SlotCache(rows, self.scratch + self.slots_per_row, front=self.scratch)
         self.cache_arg = cache_argument(type(model.model).forward)
         long = dict(dtype=torch.long, device=device)
         # Per-row state: all updated in place, so a captured graph that reads it stays valid.
@@ -210,7 +228,7 @@ class DecodeEngine:
         self.draft_dist = None  # the distribution each drafted token of a verifying, sampling row came from
         self.num_forwards = 0
         self.slots = [Slot() for _ in range(rows)]
-        self._graph = None
+        self._graphs: dict[int | None, torch.cuda.CUDAGraph] = {}  # one per key window (None: all slots)
         self._use_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self._compiled = bool(self._use_graph and (compile_step is None or compile_step))
         if self._compiled:
@@ -224,7 +242,7 @@ class DecodeEngine:
         # Per query position: its offset from the row's length (candidate c: c + j) and its cache slot.
         anchor = (q // block_size) % max(self.candidates, 1)
         self._offsets = torch.cat([self._index, anchor + q % block_size])
-        self._scratch = torch.cat([torch.zeros_like(self._index), self.slots_per_row + q])
+        self._scratch = torch.cat([torch.zeros_like(self._index), q])
         self._is_block = torch.arange(self.queries, device=device) < block_size
         self.gate = torch.zeros(rows, self.queries, dtype=model.dtype, device=device) if has_adapter(model) else None
         self.key = None  # set by whoever caches the engine for reuse (generate())
@@ -237,15 +255,20 @@ class DecodeEngine:
         carries after its block (see :func:`masks.decode_meta`); ``ids`` then has the step's full query width."""
         q = ids.shape[1]
         if candidates is None:
-            positions = slots = length.unsqueeze(1) + torch.arange(q, device=ids.device)
+            positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
+            slots = positions + self.scratch
             if self.candidates:  # the scratch slots exist; nothing of this forward uses them
                 candidates = ids.new_zeros(ids.shape[0], self.groups * self.candidates, dtype=torch.bool)
-            offset = length
+            offset = length + self.scratch
         else:
             positions = length.unsqueeze(1) + self._offsets
-            slots = offset = torch.where(self._is_block, positions, self._scratch)
+            slots = offset = torch.where(self._is_block, positions + self.scratch, self._scratch)
+        window = self.cache.window - self.scratch if self.cache.window is not None else self.slots_per_row
         self.cache.write_index, self.cache.rows = slots, rows
-        meta = decode_meta(length, block_len, causal, self.slots_per_row, candidates, self.width, self.groups)
+        # Only an idle row's queries may lie past the window (a busy row's block is inside it): they look at the
+        # window's last keys instead, which keeps the mask in bounds and their rows non-empty; nobody reads them.
+        offset = offset.clamp(max=self.scratch + window - (q if offset.dim() == 1 else 1))
+        meta = decode_meta(length, block_len, causal, window, candidates, self.width, self.groups)
         masks = self.model.block_diffusion_masks(meta, offset, q)
         set_gate(self.model, gate)
         try:
@@ -306,18 +329,30 @@ class DecodeEngine:
         fields = StepEvents(shown.long(), finished.long(), length, drafted, pad(tokens), pad(at)).pack()
         self.events.copy_(fields if rows is None else torch.where(rows.unsqueeze(1), fields, self.events))
 
+    def _window_for(self, extent: int) -> int | None:
+        """The cache indices a forward attends (``SlotCache.window``) when no row's tokens reach past position
+        ``extent``: the scratch slots and a power-of-two window of positions, or None (all) when that is not
+        smaller than the slots, or :attr:`key_window` is off."""
+        if not self.key_window:
+            return None
+        window = max(self.MIN_WINDOW, 1 << max(extent - 1, 0).bit_length())
+        return self.scratch + window if window < self.slots_per_row else None
+
     def _run_step(self):
+        # Every busy row's committed tokens and block lie below this (the host's count equals the GPU's length).
+        extent = max((s.prompt_length + len(s.tokens) for s in self.slots if s.busy), default=0) + self.block_size
+        self.cache.window = window = self._window_for(extent)
         # The attention switch wraps the step, outside the compiled body: the model's config is sdpa again for
         # anything else that runs it (training, a plain forward), and compiled code sees one value throughout.
         with grouped_attention(self.model.config, self.grouped_sdpa):
-            if self._use_graph and self._graph is None:
-                self._capture()
-            if self._graph is not None:
-                self._graph.replay()
+            if self._use_graph and window not in self._graphs:
+                self._capture(window)
+            if window in self._graphs:
+                self._graphs[window].replay()
             else:
                 self._step_body()
 
-    def _capture(self):
+    def _capture(self, window):
         saved = None
         try:
             if self.device.type != "cuda":
@@ -334,7 +369,7 @@ class DecodeEngine:
             with torch.cuda.graph(graph):
                 self._body()
             self._restore(saved)  # capture records the work without doing it; the state must not move either way
-            self._graph = graph
+            self._graphs[window] = graph
         except Exception as error:  # capture is an optimisation: never a reason to fail or differ
             if saved is not None:
                 torch.cuda.synchronize()
@@ -343,9 +378,11 @@ class DecodeEngine:
                 logger.warning(f"Compiling the decode step failed ({type(error).__name__}: {error}); capturing it "
                                "uncompiled.")  # fmt: skip
                 self._compiled, self._body = False, self._step_body
-                return self._capture()
+                self._graphs.clear()  # (graphs of other windows were compiled: keep one code path)
+                return self._capture(window)
             logger.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly.")
-            self._use_graph, self._graph = False, None
+            self._use_graph = False
+            self._graphs.clear()
 
     _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
               "ended", "draft_dist", "alternatives")  # fmt: skip
@@ -400,6 +437,7 @@ class DecodeEngine:
             ids[i, : len(prompt)] = torch.tensor(prompt, device=dev)
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
         zero = torch.zeros(n, dtype=torch.long, device=dev)
+        self.cache.window = self._window_for(longest)
         with grouped_attention(self.model.config, self.grouped_sdpa):
             hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows)
         last = self.model.logits_from_hidden(hidden[torch.arange(n, device=dev), lengths - 1]).unsqueeze(1)
@@ -411,7 +449,7 @@ class DecodeEngine:
         do_sample = self.sampling.do_sample[rows].tolist()
         for i, slot in enumerate(slots):
             self.slots[slot] = Slot(request=requests[i], generator=generators[i], do_sample=do_sample[i],
-                                    verify=bool(verify[i]), busy=True)  # fmt: skip
+                                    verify=bool(verify[i]), busy=True, prompt_length=len(prompts[i]))  # fmt: skip
         self._set_sampling(any(s.do_sample for s in self.slots if s.busy))
         self.length[rows] = lengths
         self.generated[rows] = 0
@@ -462,7 +500,8 @@ class DecodeEngine:
             self.uniform = torch.zeros(self.rows, self.block_size, device=self.device)
             self.draft_dist = torch.ones(self.rows, self.block_size, self.vocab, device=self.device)
         if sampling != self._sampling:
-            self._sampling, self._graph = sampling, None
+            self._sampling = sampling
+            self._graphs.clear()
 
     def _draw(self, noise: torch.Tensor, slots: list[int]):
         """``Exp(1)`` draws into ``noise[i]`` from each sampling slot's own generator: one draw of that shape per

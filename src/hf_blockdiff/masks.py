@@ -261,14 +261,15 @@ def denoise_meta(
 
 def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Tensor, slots: int,
                 candidates: torch.Tensor | None = None, width: int = 0, groups: int = 1) -> TokenMeta:  # fmt: skip
-    """Metadata of a decode-engine cache of ``slots`` positions (slot index = position id), for one step.
+    """Metadata of a decode-engine cache of ``slots`` positions (an ordinary slot's index = its position id), for one step.
 
     Per row: ``length`` committed tokens (clean context), then the active block of ``block_len`` tokens at slots
     ``length ..``; the block is a noisy block (bidirectional) unless ``causal`` (its commit or verifying forward).
     Every other slot (stale provisional keys, positions after an EOS inside the block) is invalid.
 
-    ``candidates`` (``(rows, C)`` bool, one-forward verify): scratch slots after the ``slots`` ordinary ones hold
-    ``C`` candidate next blocks of ``width`` tokens each. Candidate ``c`` is anchored at the block's token ``c``:
+    ``candidates`` (``(rows, C)`` bool, one-forward verify): scratch slots before the ``slots`` ordinary ones hold
+    ``C`` candidate next blocks of ``width`` tokens each (in front, so that a prefix of the keys, scratch slots
+    and the first positions, holds everything a step may attend). Candidate ``c`` is anchored at the block's token ``c``:
     its positions are ``length + c ..``, it sees the context and the block's tokens before ``c`` (the causal
     block's slots carry their offset as block id, the candidate ``c``), and itself bidirectionally. Candidates
     that are off for a row, or whose anchor lies past the block, are invalid keys. With ``groups`` > 1,
@@ -292,9 +293,6 @@ def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Ten
     offset = torch.arange(width, device=length.device).repeat(count)
     use = candidates.repeat_interleave(width, dim=1) & (anchor < block_len.unsqueeze(1))
     rows = length.shape[0]
-    return TokenMeta(
-        stream=torch.cat([meta.stream, group.expand(rows, -1)], dim=1),
-        block=torch.cat([meta.block, anchor.expand(rows, -1)], dim=1),
-        position=torch.cat([meta.position, length.unsqueeze(1) + anchor + offset], dim=1),
-        valid=torch.cat([meta.valid, use], dim=1),
-    )
+    scratch = TokenMeta(stream=group.expand(rows, -1), block=anchor.expand(rows, -1),
+                        position=length.unsqueeze(1) + anchor + offset, valid=use)  # fmt: skip
+    return scratch.followed_by(meta)

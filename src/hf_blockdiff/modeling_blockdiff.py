@@ -120,13 +120,15 @@ class BlockDiffusionOutput(ModelOutput):
     next-token cross-entropy on the clean copy summed over supervised tokens and divided by their number (the
     stock causal-LM loss). Both are per-forward means. The mask token is left out of the softmax (it is never a
     target), so ``ar_loss`` equals the source model's loss. With ``certainty_loss_weight`` the loss also adds
-    that weight times ``certainty_loss`` (see ``forward``). No full-vocabulary logits are returned.
+    that weight times ``certainty_loss``, with ``soft_label_weight`` that weight times ``soft_label_loss`` (see
+    ``forward``). No full-vocabulary logits are returned.
     """
 
     loss: torch.FloatTensor | None = None
     diffusion_loss: torch.FloatTensor | None = None
     ar_loss: torch.FloatTensor | None = None
     certainty_loss: torch.FloatTensor | None = None
+    soft_label_loss: torch.FloatTensor | None = None
     num_masked_tokens: torch.LongTensor | None = None
     num_ar_tokens: torch.LongTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -204,6 +206,7 @@ class BlockDiffusionMixin:
         diffusion_loss_weights: torch.Tensor | None = None,
         certainty_loss_weight: float = 0.0,
         fused_loss: str = "auto",
+        soft_label_weight: float = 0.0,
         **kwargs,
     ):
         r"""
@@ -230,6 +233,11 @@ class BlockDiffusionMixin:
             softcapping), else in memory-bounded chunks of float32 logits; ``'liger'`` requires the fused kernel,
             ``'none'`` never uses it. Both give the same losses up to float rounding (``fused_loss_backend``).
             With ``ar_loss_weight=0`` the AR loss is computed without gradient: it is only reported.
+        soft_label_weight (``float``): weight of a soft-label term: the mean ``KL(p || q)`` at masked positions, ``p``
+            the clean stream's next-token distribution at the same position (detached: a teacher) and ``q`` the
+            noisy prediction. The clean stream is the causal model that verified decoding accepts against (with a
+            noisy-scope adapter, the source itself), so this trains the drafter on the verifier's whole
+            distribution, its 2nd and 3rd choices included, at no extra forward. Its rows take the chunked path.
         """
         cache = pop_cache(kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
         if noisy_input_ids is None:
@@ -254,7 +262,7 @@ class BlockDiffusionMixin:
         return self._two_stream_forward(
             input_ids, noisy_input_ids, attention_mask, position_ids, labels,
             self._block_size(block_size), ar_loss_weight, diffusion_loss_weights, certainty_loss_weight, fused_loss,
-            **kwargs,
+            soft_label_weight, **kwargs,
         )  # fmt: skip
 
     def two_stream_hidden_states(self, clean, noisy, attention_mask, position_ids, labels, block_size,
@@ -356,7 +364,7 @@ class BlockDiffusionMixin:
 
     def _two_stream_forward(
         self, clean, noisy, attention_mask, position_ids, labels, block_size, ar_loss_weight, weights,
-        certainty_weight=0.0, fused_loss="auto", **kwargs,
+        certainty_weight=0.0, fused_loss="auto", soft_weight=0.0, **kwargs,
     ) -> BlockDiffusionOutput:  # fmt: skip
         if noisy.dim() == 2:
             noisy = noisy.unsqueeze(1)
@@ -395,13 +403,15 @@ class BlockDiffusionMixin:
         pick = masked.new_zeros(batch, streams, length)
         pick[:, copies, :-1] = supervised
         ar_index = pick.view(-1).nonzero().squeeze(1)
-        diff_weights = None
+        diff_weights = teacher = None
         if weights is not None:
             diff_weights = F.pad(weights[:, :, 1:], (0, 1, 0, 1)).reshape(-1)[diff_index]
+        if soft_weight:  # the clean row at the same position: stream s -> the clean stream, `copies`
+            teacher = rows[diff_index + (copies - diff_index // length % streams) * length].detach()
 
-        diff_sum, ar_sum, entropy_sum, num_correct = self._loss_sums(
+        diff_sum, ar_sum, entropy_sum, num_correct, soft_sum = self._loss_sums(
             rows[diff_index], row_targets[diff_index], diff_weights, rows[ar_index], row_targets[ar_index],
-            certainty_weight, ar_loss_weight != 0, fused_loss,
+            certainty_weight, ar_loss_weight != 0, fused_loss, teacher,
         )  # fmt: skip
         num_masked, num_ar = masked.sum(), supervised.sum()
         diffusion_loss = diff_sum / num_masked.clamp(min=1)
@@ -411,43 +421,50 @@ class BlockDiffusionMixin:
         if certainty_weight:
             certainty_loss = entropy_sum / num_correct.clamp(min=1)
             loss = loss + certainty_weight * certainty_loss
+        soft_label_loss = None
+        if soft_weight:
+            soft_label_loss = soft_sum / num_masked.clamp(min=1)
+            loss = loss + soft_weight * soft_label_loss
         return BlockDiffusionOutput(
             loss=loss,
             diffusion_loss=diffusion_loss,
             ar_loss=ar_loss,
             certainty_loss=certainty_loss,
+            soft_label_loss=soft_label_loss,
             num_masked_tokens=num_masked,
             num_ar_tokens=num_ar,
         )
 
     def _loss_sums(self, diff_hidden, diff_targets, diff_weights, ar_hidden, ar_targets, certainty_weight, ar_grad,
-                   fused_loss):  # fmt: skip
-        """Summed (weighted) diffusion and AR cross-entropies of the gathered rows, and for certainty forcing the
-        summed entropy where the argmax is right and the count of those rows (``None`` without it)."""
+                   fused_loss, teacher=None):  # fmt: skip
+        """Summed (weighted) diffusion and AR cross-entropies of the gathered rows; for certainty forcing the
+        summed entropy where the argmax is right and the count of those rows; with ``teacher`` (the hidden states
+        whose distributions are the diffusion rows' soft labels) the summed KL to them (``None`` without)."""
         num_diff = diff_targets.numel()
         certainty_rows = num_diff if certainty_weight else 0
         backend = self.fused_loss_backend(fused_loss, diff_hidden)
         if backend is None:  # the chunked path, one pass over both groups as it always was
             if ar_grad:
-                nll, entropy, correct = self._token_nll(
-                    torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]), certainty_rows
-                )
+                nll, entropy, correct, soft = self._token_nll(
+                    torch.cat([diff_hidden, ar_hidden]), torch.cat([diff_targets, ar_targets]), certainty_rows,
+                    teacher,
+                )  # fmt: skip
                 diff_nll, ar_nll = nll[:num_diff], nll[num_diff:]
             else:
-                diff_nll, entropy, correct = self._token_nll(diff_hidden, diff_targets, certainty_rows)
+                diff_nll, entropy, correct, soft = self._token_nll(diff_hidden, diff_targets, certainty_rows, teacher)
                 with torch.no_grad():  # only reported: no logits kept for a backward that cannot reach them
                     ar_nll = self._token_nll(ar_hidden, ar_targets)[0]
             if diff_weights is not None:
                 diff_nll = diff_nll * diff_weights.to(diff_nll.dtype)
-            return diff_nll.sum(), ar_nll.sum(), entropy.sum(), correct.sum()
+            return diff_nll.sum(), ar_nll.sum(), entropy.sum(), correct.sum(), soft.sum()
 
-        entropy_sum = num_correct = None
-        # Certainty forcing needs the log-probabilities of the diffusion rows: those stay on the chunked path.
-        if certainty_weight or not num_diff:
-            diff_nll, entropy, correct = self._token_nll(diff_hidden, diff_targets, certainty_rows)
+        entropy_sum = num_correct = soft_sum = None
+        # Certainty forcing and soft labels need the log-probabilities of the diffusion rows: those stay chunked.
+        if certainty_weight or teacher is not None or not num_diff:
+            diff_nll, entropy, correct, soft = self._token_nll(diff_hidden, diff_targets, certainty_rows, teacher)
             if diff_weights is not None:
                 diff_nll = diff_nll * diff_weights.to(diff_nll.dtype)
-            diff_sum, entropy_sum, num_correct = diff_nll.sum(), entropy.sum(), correct.sum()
+            diff_sum, entropy_sum, num_correct, soft_sum = diff_nll.sum(), entropy.sum(), correct.sum(), soft.sum()
         elif diff_weights is not None:  # per-token weights: per-token losses (the kernel recomputes in backward)
             diff_sum = (self._fused_nll(diff_hidden, diff_targets, "none") * diff_weights.float()).sum()
         else:  # a plain sum: the kernel computes the gradient in the forward, no recomputation
@@ -457,7 +474,7 @@ class BlockDiffusionMixin:
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and ar_grad):
                 ar_sum = self._fused_nll(ar_hidden, ar_targets, "sum")
-        return diff_sum, ar_sum, entropy_sum, num_correct
+        return diff_sum, ar_sum, entropy_sum, num_correct, soft_sum
 
     # -- fused loss ------------------------------------------------------------------------------------
     def fused_loss_backend(self, fused_loss: str, hidden: torch.Tensor) -> str | None:
@@ -538,34 +555,48 @@ class BlockDiffusionMixin:
         infinite = torch.where(is_mask, float("inf"), 0.0)
         return nll + (infinite if reduction == "none" else infinite.sum())
 
-    def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor, certainty_rows: int = 0):
+    def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor, certainty_rows: int = 0, teacher=None):
         """Per-token cross-entropy (float32) of selected rows only, in chunks that recompute in backward to bound
         the (rows x vocab) memory. For the first ``certainty_rows`` rows also the prediction entropy where the
-        argmax is the target (and that mask); empty tensors otherwise."""
+        argmax is the target (and that mask); for the first ``len(teacher)`` rows ``KL(p || q)``, ``p`` the
+        distribution of the matching ``teacher`` row (no gradient) and ``q`` the row's; empty tensors otherwise."""
+        teacher = hidden[:0] if teacher is None else teacher.detach()
         # The mask token is never a target and never decoded: leaving it out of the softmax keeps the AR loss
         # exactly the source model's (its row is new) and spends no probability mass on it. Built on the device:
         # a tensor copied from the host would wait for the GPU.
         mask_column = torch.full((1,), self.mask_token_id, device=hidden.device)
 
-        def chunk(h, y, n_certainty):
+        def log_probs_of(h):
+            # Log-probabilities with the mask column (-inf in every row) set to 0, so that every product and
+            # difference of them is 0 there, never NaN.
             logits = self.logits_from_hidden(h).float().index_fill(1, mask_column, float("-inf"))
+            return logits, logits.log_softmax(-1).nan_to_num(neginf=0.0)
+
+        def chunk(h, y, n_certainty, t):
+            logits, log_q = log_probs_of(h)
             nll = F.cross_entropy(logits, y, reduction="none")
+            soft = nll.new_zeros(0)
+            if t.shape[0]:
+                with torch.no_grad():
+                    log_p = log_probs_of(t)[1]
+                soft = (log_p.exp() * (log_p - log_q[: t.shape[0]])).sum(-1)
             if not n_certainty:
-                return nll, nll.new_zeros(0), nll.new_zeros(0, dtype=torch.bool)
-            log_probs = logits[:n_certainty].log_softmax(-1)
-            entropy = -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1)
-            correct = log_probs.argmax(-1) == y[:n_certainty]
-            return nll, entropy * correct, correct
+                return nll, nll.new_zeros(0), nll.new_zeros(0, dtype=torch.bool), soft
+            log_probs = log_q[:n_certainty]
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            correct = logits[:n_certainty].argmax(-1) == y[:n_certainty]
+            return nll, entropy * correct, correct, soft
 
         rows = hidden.shape[0]
         if rows <= LOSS_CHUNK_ROWS or not torch.is_grad_enabled():
-            return chunk(hidden, targets, certainty_rows)
+            return chunk(hidden, targets, certainty_rows, teacher)
         parts = [
             checkpoint(
                 chunk,
                 hidden[i : i + LOSS_CHUNK_ROWS],
                 targets[i : i + LOSS_CHUNK_ROWS],
                 min(max(certainty_rows - i, 0), LOSS_CHUNK_ROWS),
+                teacher[i : i + LOSS_CHUNK_ROWS],
                 use_reentrant=False,
             )  # fmt: skip
             for i in range(0, rows, LOSS_CHUNK_ROWS)

@@ -69,6 +69,13 @@ class BlockDiffusionConfig(SFTConfig):
             "positions; dParallel). 0 = off."
         },  # fmt: skip
     )
+    soft_label_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the soft-label term: KL from the clean stream's next-token distribution (the "
+            "verifier's; with adapter_scope='noisy' the source's) to the prediction at each masked position. 0 = off."
+        },  # fmt: skip
+    )
     fused_loss: str = field(
         default="auto",
         metadata={
@@ -128,6 +135,9 @@ class BlockDiffusionConfig(SFTConfig):
             raise ValueError(f"whole_block_noise is a share of blocks, in [0, 1]; got {self.whole_block_noise}.")
         if self.adapter_scope not in ("all", "noisy"):
             raise ValueError(f"adapter_scope must be 'all' or 'noisy', got {self.adapter_scope!r}.")
+        for name in ("certainty_loss_weight", "soft_label_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}.")
         if self.fused_loss not in ("auto", "liger", "none"):
             raise ValueError(f"fused_loss must be 'auto', 'liger' or 'none', got {self.fused_loss!r}.")
         if self.block_growth and not 1 <= self.growth_start <= self.block_size:
@@ -225,6 +235,7 @@ class BlockDiffusionTrainer(SFTTrainer):
             ar_loss_weight=0.0 if self.args.adapter_scope == "noisy" else self.args.ar_loss_weight,
             certainty_loss_weight=self.args.certainty_loss_weight,
             fused_loss=self.args.fused_loss,
+            soft_label_weight=self.args.soft_label_weight,
         )
         # Metrics stay tensors on the device until `log` reads them: `.item()` here would make every step wait for
         # the GPU to finish the forward before the backward is queued.
@@ -234,6 +245,8 @@ class BlockDiffusionTrainer(SFTTrainer):
         metrics["ar_loss"].append(gather(outputs.ar_loss.detach()).mean())
         if outputs.certainty_loss is not None:
             metrics["certainty_loss"].append(gather(outputs.certainty_loss.detach()).mean())
+        if outputs.soft_label_loss is not None:
+            metrics["soft_label_loss"].append(gather(outputs.soft_label_loss.detach()).mean())
         metrics["masked_fraction"].append(noise.masked_share())
         metrics["block_size"] = [float(block_size)]  # the current size, not an average over the logging window
         if mode == "train" and inputs.get("attention_mask") is not None:
