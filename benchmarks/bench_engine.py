@@ -197,7 +197,7 @@ def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, key_window=True, **set
 
 def decoder_setting(setting: str) -> tuple[str, dict]:
     """(name, generate() settings) of a --settings entry: ``default`` (generate()'s own), ``b:threshold[:eager]``
-    or ``b:verify[:candidates[:guesses]]``; prefixed ``all:``, the engine attends every slot of its cache instead of
+    or ``b:verify[:candidates[:guesses[:candidate width]]]``; prefixed ``all:``, the engine attends every slot of its cache instead of
     the valid prefix (``DecodeEngine.key_window`` off: the A/B of that)."""
     if setting.startswith("all:"):
         name, settings = decoder_setting(setting[len("all:") :])
@@ -208,9 +208,11 @@ def decoder_setting(setting: str) -> tuple[str, dict]:
     if threshold == "verify":
         candidates = int(extra[0]) if extra else None
         guesses = int(extra[1]) if len(extra) > 1 else None
+        width = int(extra[2]) if len(extra) > 2 else None
         name = f"ours b={size} verify" + (f" c={candidates}" if extra else " (auto c)") + (
-            f" g={guesses}" if guesses is not None else "")  # fmt: skip
-        return name, dict(block_size=int(size), verify=True, candidates=candidates, guesses=guesses)
+            f" g={guesses}" if guesses is not None else "") + (f" w={width}" if width else "")  # fmt: skip
+        return name, dict(block_size=int(size), verify=True, candidates=candidates, guesses=guesses,
+                          candidate_width=width)  # fmt: skip
     name = f"ours b={size} thr {threshold}" + (" uncompiled" if extra else "")
     # compile_step only when it is off: left out (None) it is what generate()'s defaults give, so a default decoder
     # that decodes at block size 1 (denoise.verify_plan) reuses this one's engine, compiled graph and all
@@ -269,8 +271,9 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+",
                         default=["1:1.0", "16:0.9", "16:verify:0", "16:verify", "8:verify"],
                         help="block_size:threshold[:eager] for our decoder (eager: compile_step=False), or "
-                        "block_size:verify[:candidates[:guesses]] (lossless verified decoding; candidates 0: two "
-                        "forwards per block; left out: chosen by the batch; guesses: per candidate), or default (generate()'s own settings); "
+                        "block_size:verify[:candidates[:guesses[:width]]] (lossless verified decoding; candidates 0: "
+                        "two forwards per block; left out: chosen by the batch; guesses: per candidate; width: "
+                        "positions per candidate), or default (generate()'s own settings); "
                         "any of them prefixed all: attends every cache slot instead of the valid prefix")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for the exactness check")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate() (e.g. the fp32 exactness run)")

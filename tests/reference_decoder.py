@@ -119,7 +119,7 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
 
 
 def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int, candidates: int, eos=(),
-                     min_new: int = 0, guesses: int = 1):  # fmt: skip
+                     min_new: int = 0, guesses: int = 1, width: int | None = None):  # fmt: skip
     """One-forward verify (docs/design.md 2.6), greedy, one row, no cache: ``(tokens, committed_at, forwards,
     rejected)`` as the engine should produce them.
 
@@ -132,6 +132,7 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
     mask_id = model.config.mask_token_id
     vocab = model.config.get_text_config(decoder=True).vocab_size
     greedy = Sampling(*(torch.tensor([v], device=DEVICE) for v in (False, 1.0, 0, 1.0)))
+    width = min(width or block_size, block_size)  # a candidate: its anchor, then width - 1 masks
     eos_ids = torch.tensor([t for t in eos if t < vocab], dtype=torch.long, device=DEVICE)
 
     def predict(seq: list[int], block_from: int, causal_block: bool, first_index: int, choices=False):
@@ -181,11 +182,11 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
         # token, then masks, seeing each other and the block before it
         k = min(keep, candidates)
         anchor = len(context) - keep + k - 1
-        seq = context[: anchor + 1] + [mask_id] * (block_size - 1)
+        seq = context[: anchor + 1] + [mask_id] * (width - 1)
         if k == keep and keep < len(block) and first in alternatives[keep - 1]:
             seq[anchor + 1] = first
         proposed, choices = predict(seq, anchor, False, len(generated) - keep + k, choices=True)
-        count = min(block_size - 1, block_size - 1 - (keep - k), left - 1)
+        count = min(block_size - 1, width - 1 - (keep - k), left - 1)
         drafts, alternatives = (
             proposed[keep - k + 1 : keep - k + 1 + count],
             choices[keep - k + 1 : keep - k + 1 + count],

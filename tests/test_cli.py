@@ -151,6 +151,12 @@ def test_bad_input_errors(tmp_path, capsys):
         run(["convert", gpt2, tmp_path / "out", "--block-size", "0"], capsys)
     assert exit_info.value.code == cli.EXIT_USAGE and "--block-size: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        run(["generate", tmp_path / "out", "Hi", "--verify", "--candidate-width", "1"], capsys)
+    assert exit_info.value.code == cli.EXIT_USAGE and "--candidate-width: must be >= 2" in capsys.readouterr().err
+    for flag in ("--candidates", "--guesses", "--candidate-width"):  # checked before the model is loaded
+        code, _, err = run(["generate", tmp_path / "out", "Hi", flag, "2"], capsys)
+        assert code == 1 and f"{flag} sets how --verify drafts" in err
 
 
 class FakeApi:

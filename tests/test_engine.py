@@ -288,18 +288,21 @@ def test_verified_decoding_is_block_size_1_decoding(arch, block_size, candidates
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-@pytest.mark.parametrize("block_size,candidates,guesses",
-                         [(2, 1, 1), (2, 2, 1), (4, 1, 3), (4, 2, 0), (4, 4, 1), (8, 3, 1), (8, 3, 4),
-                          (8, 8, 0), (16, 16, 1), (16, 4, 7)])  # fmt: skip
-def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidates, guesses):
+@pytest.mark.parametrize("block_size,candidates,guesses,width",
+                         [(2, 1, 1, None), (2, 2, 1, None), (4, 1, 3, None), (4, 2, 0, None), (4, 4, 1, None),
+                          (4, 3, 1, 2), (8, 3, 1, None), (8, 3, 4, None), (8, 8, 0, None), (8, 5, 2, 3),
+                          (16, 16, 1, None), (16, 4, 7, None), (16, 3, 3, 6)])  # fmt: skip
+def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidates, guesses, width):
     """One-forward verify against its brute-force reference (every candidate its own full forward): the same
     tokens, forwards, commit forwards and rejected drafts, for rows of different lengths in one batch, with stop
-    tokens that end rows inside drafts and candidates and a budget that ends others inside a block."""
+    tokens that end rows inside drafts and candidates and a budget that ends others inside a block; candidates
+    of the block's width or shorter (then fewer drafts per block)."""
     model = pair(arch, block_size)
     prompts = prompts_of([6, 2, 9], seed=7)
     rule, sampling = rule_for("threshold", 0.9, 3), sampling_for(3)
     engine = DecodeEngine(model, 3, 40, block_size, rule, sampling, eos_token_ids=RARE_STOPS, pad_token_id=PAD,
-                          candidates=candidates, guesses=guesses)  # fmt: skip
+                          candidates=candidates, guesses=guesses, candidate_width=width)  # fmt: skip
+    assert engine.queries == block_size + (1 + guesses) * candidates * (width or block_size)
     tokens, at = {r: [] for r in range(3)}, {r: [] for r in range(3)}
     budgets = [MAX_NEW, 13, MAX_NEW - 1]
     events = engine.add(prompts, [0, 1, 2], budgets, 2, verify=True)
@@ -311,7 +314,7 @@ def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidate
     for r, prompt in enumerate(prompts):
         expected, when, forwards, rejected = reference_verify(model, prompt, max_new=budgets[r], block_size=block_size,
                                                               candidates=candidates, eos=RARE_STOPS, min_new=2,
-                                                              guesses=guesses)  # fmt: skip
+                                                              guesses=guesses, width=width)  # fmt: skip
         assert tokens[r] == expected
         assert at[r] == when
         assert engine.forwards[r] == forwards
@@ -365,6 +368,9 @@ def test_verify_refuses_block_size_1_and_bad_candidates():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="guesses must be"):
             model.generate(ids, verify=True, max_new_tokens=4, block_size=4, candidates=2, guesses=bad)
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="candidate_width must be"):
+            model.generate(ids, verify=True, max_new_tokens=4, block_size=4, candidates=2, candidate_width=bad)
 
 
 def test_speculative_accept_outputs_the_target_distribution():
@@ -529,6 +535,9 @@ def test_the_query_budget_buys_candidates_or_their_guessing_copies():
     assert (planned.block_size, planned.candidates, verify_guesses(planned, 16, "cuda", 1)) == (4, 1, 1)
     assert verify_guesses(verify_plan(replace(policy, guesses=5), 16, "cuda"), 16, "cuda", 1) == 5  # given: kept
     assert split(policy, 64)[0] == 1 and verify_candidates(policy, 1, "cpu") == 0
+    # shorter candidates: the same budget buys more of them (b=16, width 8 at batch 1: 62 units -> 4 x 14)
+    narrow = replace(policy, candidate_width=8)
+    assert split(narrow, 1) == (4, 14) and 16 + 8 * 4 * (1 + 14) <= QUERY_BUDGET
 
 
 def test_where_verify_is_the_default_generate_gives_block_size_1_tokens(monkeypatch):

@@ -196,8 +196,9 @@ def check_generate_args(args):
     if args.adapter:
         resolve_adapter(args.adapter)
     decoding = decoding_settings(args)
-    for flag in ("candidates", "guesses"):
-        if getattr(args, flag) is not None and not args.verify:
+    for name in ("candidates", "guesses", "candidate_width"):
+        flag = name.replace("_", "-")
+        if getattr(args, name) is not None and not args.verify:
             raise CLIError(f"--{flag} sets how --verify drafts; without --verify it does nothing.",
                            f"Add --verify, or leave --{flag} out.")  # fmt: skip
     return decoding
@@ -489,6 +490,9 @@ def decoding_flags(parser, serving: bool):
                         help="with --verify: guessing copies of each candidate next block, each with one of the "
                         "draft's next choices for the token the causal model will give (default: 1; costs query "
                         "positions like candidates)" + (" (for every request)" if serving else ""))  # fmt: skip
+    parser.add_argument("--candidate-width", type=setting("candidate_width"),
+                        help="with --verify: positions of each candidate next block, so at most this many - 1 drafts "
+                        "per block (default: the block size)" + (" (for every request)" if serving else ""))  # fmt: skip
     parser.add_argument("--use-cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each decoding step as a captured CUDA graph (default: on CUDA)")  # fmt: skip
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,

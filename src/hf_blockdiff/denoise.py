@@ -405,8 +405,10 @@ def verify_guesses(policy: DenoisePolicy, rows: int, device, candidates: int) ->
 
 
 def _budget_units(policy: DenoisePolicy, rows: int) -> int:
-    """Blocks of query positions (candidates and their copies) that fit beside each row's block in QUERY_BUDGET."""
-    return max(0, QUERY_BUDGET // max(rows, 1) // policy.block_size - 1)
+    """Candidate blocks (candidates and their copies, each ``candidate_width`` positions) that fit beside each row's
+    block in QUERY_BUDGET."""
+    width = min(policy.candidate_width or policy.block_size, policy.block_size)
+    return max(0, (QUERY_BUDGET // max(rows, 1) - policy.block_size) // width)
 
 
 # An engine's slots are sized in steps of this many positions, so that calls with nearby lengths share one.
@@ -438,7 +440,8 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
-           policy.use_cuda_graph, policy.compile_step, candidates, guesses, structure_of((rule, sampling)),
+           policy.use_cuda_graph, policy.compile_step, candidates, guesses, policy.candidate_width,
+           structure_of((rule, sampling)),
            hash(weights),
            DecodeEngine.grouped_sdpa)  # fmt: skip
     holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
@@ -452,7 +455,8 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     engine = DecodeEngine(model, rows=rows, max_length=length, block_size=policy.block_size, rule=rule,
                           sampling=sampling, confidence=policy.confidence, eos_token_ids=policy.eos_token_ids,
                           pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph,
-                          compile_step=policy.compile_step, candidates=candidates, guesses=guesses)  # fmt: skip
+                          compile_step=policy.compile_step, candidates=candidates, guesses=guesses,
+                          candidate_width=policy.candidate_width)  # fmt: skip
     engine.key = key
     holder.engine = engine
     return engine

@@ -148,10 +148,12 @@ class DecodeEngine:
             takes seconds once per engine, and fused kernels may round differently from eager ones.
         candidates: candidate next blocks each one-forward-verifying row carries (docs/design.md 2.6); 0: none,
             so verifying rows draft and verify in two forwards. Every step then has
-            ``block_size * (1 + (1 + guesses) * candidates)`` query positions per row.
+            ``block_size + (1 + guesses) * candidates * candidate_width`` query positions per row.
         guesses: one-forward verify also carries, for every candidate, this many copies whose first mask is replaced
             by a guess of the causal token there (the draft's 2nd, 3rd, ... choice at the position the causal model
             may reject), one of which is used when it guessed right.
+        candidate_width: positions of a candidate (its anchor token, then masks), so a drafted block holds at most
+            ``candidate_width - 1`` drafts; None (or more than ``block_size``): the block size.
     """
 
     # Whether an sdpa model's forwards run on grouped query heads (attention.py): transformers' sdpa path copies the
@@ -167,7 +169,7 @@ class DecodeEngine:
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
                  use_cuda_graph: bool | None = None, compile_step: bool | None = None, candidates: int = 0,
-                 guesses: int = 1):  # fmt: skip
+                 guesses: int = 1, candidate_width: int | None = None):  # fmt: skip
         self.model, self.rows, self.block_size = model, rows, block_size
         self.rule, self.sampling, self.measure = rule, sampling, confidence
         self.mask_token_id = getattr(model.config, "mask_token_id", None)
@@ -188,7 +190,10 @@ class DecodeEngine:
         # One-forward verify: candidate next blocks of ``width`` masks live in scratch slots after the ordinary ones
         # (their keys may never land on a committed or verified position); their position ids are the real ones.
         self.candidates = candidates if block_size > 1 else 0
-        self.width = block_size  # a candidate: the last kept token (its anchor), then block_size - 1 masks
+        # a candidate: the last kept token (its anchor), then width - 1 masks
+        self.width = min(candidate_width or block_size, block_size)
+        if self.width < 2 and self.candidates:
+            raise ValueError(f"candidate_width must be >= 2 (an anchor and a mask to draft), got {candidate_width}.")
         self.guesses = guesses if self.candidates else 0
         self.groups = 1 + self.guesses  # candidates without a guess of the causal token they follow, then with each
         self.queries = block_size + self.groups * self.candidates * self.width
@@ -240,8 +245,8 @@ class DecodeEngine:
         self._index = torch.arange(block_size, device=device)
         q = torch.arange(self.queries - block_size, device=device)
         # Per query position: its offset from the row's length (candidate c: c + j) and its cache slot.
-        anchor = (q // block_size) % max(self.candidates, 1)
-        self._offsets = torch.cat([self._index, anchor + q % block_size])
+        anchor = (q // self.width) % max(self.candidates, 1)
+        self._offsets = torch.cat([self._index, anchor + q % self.width])
         self._scratch = torch.cat([torch.zeros_like(self._index), q])
         self._is_block = torch.arange(self.queries, device=device) < block_size
         self.gate = torch.zeros(rows, self.queries, dtype=model.dtype, device=device) if has_adapter(model) else None

@@ -114,6 +114,7 @@ class Scheduler:
             compile_step=self.defaults.compile_step,
             # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
             candidates=candidates, guesses=verify_guesses(verifying, rows, device, candidates),
+            candidate_width=self.defaults.candidate_width,
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()

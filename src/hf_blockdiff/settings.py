@@ -51,6 +51,9 @@ class DecodeSettings:
     # one-forward verify: guessing copies of every candidate, each with one of the draft's next choices in place of
     # the mask the causal token will fill (docs/design.md 2.6); None: chosen with the candidates
     guesses: int | None = _setting(int, ENGINE)
+    # one-forward verify: positions of each candidate block (its anchor, then masks), so at most this many - 1 drafts
+    # per block; None: the block size (docs/design.md 2.6)
+    candidate_width: int | None = _setting(int, ENGINE)
     use_cuda_graph: bool | None = _setting(bool, RUNTIME)  # None: on CUDA
     compile_step: bool | None = _setting(bool, RUNTIME)  # torch.compile the captured step (None: with a graph)
 
@@ -79,6 +82,9 @@ class DecodeSettings:
         if self.guesses is not None and self.guesses < 0:
             raise SettingError(f"guesses must be >= 0 (0: candidates without guessing copies), got {self.guesses!r}.",
                                "guesses")  # fmt: skip
+        if self.candidate_width is not None and self.candidate_width < 2:
+            raise SettingError(f"candidate_width must be >= 2 (an anchor and at least one mask to draft), got "
+                               f"{self.candidate_width!r}; None: the block size.", "candidate_width")  # fmt: skip
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise SettingError(f"threshold must be in [0, 1], got {self.threshold!r}.", "threshold")
         if self.steps_per_block is not None and self.steps_per_block < 1:
