@@ -91,7 +91,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
     time_fn = timer(args.device)
+    # flex is compiled once per shape: past dynamo's recompile limit (8) it would silently run uncompiled
+    torch._dynamo.config.recompile_limit = 1024
     rows = []
+    names = ["sdpa, all slots", "sdpa, valid window", "sdpa, no mask, window", "flex, block mask"]
+    columns = ["shape", "batch", "queries", "context", "window"] + [f"{n} us" for n in names]
+
+    def save_rows():  # after every batch, so a run cut short by a time limit keeps its table
+        save(args.out, f"One layer's decode attention by kernel ({args.slots} cache slots per row)", rows,
+             notes="us: microseconds per call of one layer's attention (CUDA events after warm-up, median of "
+                   f"{args.repeats}). Command: python benchmarks/bench_attention.py " + " ".join(argv or sys.argv[1:]),
+             columns=columns)  # fmt: skip
+
     for shape in args.shapes:
         for batch in args.batches:
             for queries in args.queries:
@@ -105,12 +116,7 @@ def main(argv=None):
                             row[f"{name} us"] = time_fn(fn, warmup=3, repeats=args.repeats) * 1000
                     rows.append(row)
                     print(row, flush=True)
-    names = ["sdpa, all slots", "sdpa, valid window", "sdpa, no mask, window", "flex, block mask"]
-    columns = ["shape", "batch", "queries", "context", "window"] + [f"{n} us" for n in names]
-    save(args.out, f"One layer's decode attention by kernel ({args.slots} cache slots per row)", rows,
-         notes="us: microseconds per call of one layer's attention (CUDA events after warm-up, median of "
-               f"{args.repeats}). Command: python benchmarks/bench_attention.py " + " ".join(argv or sys.argv[1:]),
-         columns=columns)  # fmt: skip
+            save_rows()
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ for step in "$@"; do case $step in
         && for part in "${parts[@]}"; do rm -f "$OUT/$part.json"; done  # (at most 8 files come back from $OUT)
     done ;;
   bench-attention)  # issue 20: one layer's decode attention by kernel (sdpa over all slots / the valid window, flex)
-    log bench attention; timeout 500 $PY benchmarks/bench_attention.py 2>&1 | grep -v "^{" | tail -60
+    log bench attention; timeout "${ATTN_TIMEOUT:-500}" $PY benchmarks/bench_attention.py ${ATTN_ARGS:-} 2>&1 | grep -v "^{" | tail -60
     cp benchmarks/results/attention_kernels.* "$OUT/" ;;
   bench-serve)  # CONCURRENCY from the environment
     log bench serve; timeout 540 $PY benchmarks/bench_serve.py --model "$GGUF" --adapter smollm2-bd16 --concurrency ${CONCURRENCY:-1 8 32} \
