@@ -3,32 +3,39 @@
 python benchmarks/bench_attention.py                     # on the GPU: SmolLM2 and Qwen2-1.5B heads
 python benchmarks/bench_attention.py --device cpu --shapes tiny --batches 1 --contexts 64 --slots 256  # a dry run
 
-Every row is one layer's attention for ``batch`` rows of ``queries`` positions each, against a cache of ``--slots``
-positions per row whose first ``context`` are valid (the rest: slots a row was given but has not used). The
-kernels, all on grouped query heads:
+Every row is one layer's attention for ``batch`` rows of ``queries`` positions each, over the keys the engine
+attends at that context: its valid-prefix window (the smallest power of two >= 256 that holds the context and the
+queries, or all ``--slots`` when that is not smaller). The mask says "key < context + queries": the kernels' cost,
+not the context-causal rule (masks.py owns that). The kernels, all on grouped query heads:
 
-- ``sdpa, all slots``: the engine with ``key_window`` off: a dense bool mask over every slot (the mask folded
-  to ``(rows, 1, G x q, slots)`` as ``attention.py`` does, a copy per call);
-- ``sdpa, valid window``: the same over the engine's valid-prefix window (the smallest power of two >= 256 that
-  holds the context), what the engine does now;
-- ``sdpa, no mask, window``: the window without a mask, a lower bound for a kernel that takes per-row lengths;
-- ``flex, block mask``: flex attention (compiled) over all slots with a block mask whose tiles past each row's
-  context are empty, so the kernel skips them (its decoding kernel splits the keys for few queries).
+- ``one pass``: attention.py's fold with sdpa's masked kernel (what the engine did before the split);
+- ``split keys``: attention.py's :func:`split_key_attention` with :func:`key_splits` chunks (what it does now;
+  the column ``splits`` says how many, 1 = the same as one pass);
+- ``stock (repeat kv)``: transformers' sdpa function, which copies every KV head per query head under a mask;
+- ``no mask``: sdpa without a mask over the same keys (its flash kernel), a lower bound for a kernel that takes
+  per-row key lengths;
+- ``flex`` (``--flex``): flex attention, compiled, with a block mask whose tiles past each row's context are empty.
 
-The mask only says "key < context": the kernels' cost, not the context-causal rule (masks.py owns that).
-Timings: CUDA events after warm-up, median of repeats; the table is saved under benchmarks/results/.
+Timing as the engine runs: ``--layers`` calls captured in one CUDA graph (no launch overhead), replayed; CUDA
+events after warm-up, the median of ``--repeats`` replays over ``--layers``. The table is saved under
+benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save, timer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
+from common import save  # noqa: E402
+
+from hf_blockdiff import attention  # noqa: E402
 
 # (query heads, KV heads, head dim) of the models the engine grid measures
 HEADS = {"smollm2-135m": (9, 3, 64), "qwen2-1.5b": (12, 2, 128), "tiny": (4, 2, 16)}
@@ -40,42 +47,73 @@ def window_of(context: int, queries: int, slots: int) -> int:
     return min(slots, max(MIN_WINDOW, 1 << (need - 1).bit_length()))
 
 
-def grouped_sdpa(q, k, v, mask):
-    """attention.py's fold: the G query heads of a KV head become G x Q query rows, the mask repeated to match."""
-    batch, heads, q_len, dim = q.shape
-    groups = heads // k.shape[1]
-    q = q.reshape(batch, k.shape[1], groups * q_len, dim)
-    if mask is not None:
-        mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * q_len, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.reshape(batch, heads, q_len, dim)
-
-
-def kernels(batch, queries, context, slots, heads, device, dtype):
-    """{name: a function running one layer's attention} for one shape."""
-    q_heads, kv_heads, dim = heads
-    q = torch.randn(batch, q_heads, queries, dim, device=device, dtype=dtype)
-    k = torch.randn(batch, kv_heads, slots, dim, device=device, dtype=dtype)
-    v = torch.randn_like(k)
-    key = torch.arange(slots, device=device)
-    full_mask = (key < context + queries).expand(batch, 1, queries, slots)
-    window = window_of(context, queries, slots)
-    found = {
-        "sdpa, all slots": lambda: grouped_sdpa(q, k, v, full_mask),
-        "sdpa, valid window": lambda: grouped_sdpa(q, k[:, :, :window], v[:, :, :window], full_mask[..., :window]),
-        "sdpa, no mask, window": lambda: grouped_sdpa(q, k[:, :, :window], v[:, :, :window], None),
-    }
+def grouped(q, k, v, mask, split: bool):
+    """attention.py's grouped-head function as the engine calls it, with the key split on or off."""
+    module = type("Layer", (), {"num_key_value_groups": q.shape[1] // k.shape[1]})()
+    before, attention.SPLIT_KEYS = attention.SPLIT_KEYS, split
     try:
+        return attention.grouped_sdpa_attention_forward(module, q, k, v, mask)[0]
+    finally:
+        attention.SPLIT_KEYS = before
+
+
+def kernels(batch, queries, context, slots, heads, device, dtype, flex: bool):
+    """{name: a function running one layer's attention} for one shape, its window and the split it takes."""
+    q_heads, kv_heads, dim = heads
+    window = window_of(context, queries, slots)
+    q = torch.randn(batch, queries, q_heads, dim, device=device, dtype=dtype).transpose(1, 2)  # as layers pass it
+    k = torch.randn(batch, kv_heads, slots, dim, device=device, dtype=dtype)[:, :, :window]  # a view, as the cache's
+    v = torch.randn(batch, kv_heads, slots, dim, device=device, dtype=dtype)[:, :, :window]
+    mask = (torch.arange(window, device=device) < context + queries).expand(batch, 1, queries, window)
+    module = type("Layer", (), {"num_key_value_groups": q_heads // kv_heads, "is_causal": False})()
+    found = {
+        "one pass": lambda: grouped(q, k, v, mask, split=False),
+        "split keys": lambda: grouped(q, k, v, mask, split=True),
+        "stock (repeat kv)": lambda: sdpa_attention_forward(module, q, k, v, mask)[0],
+        "no mask": lambda: sdpa_attention_forward(module, q, k, v, None, is_causal=False)[0],
+    }
+    if flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         lengths = torch.full((batch,), context + queries, device=device)
-        block_mask = create_block_mask(lambda b, h, qi, kv: kv < lengths[b], batch, None, queries, slots,
+        block_mask = create_block_mask(lambda b, h, qi, kv: kv < lengths[b], batch, None, queries, window,
                                        device=device)  # fmt: skip
-        flex = torch.compile(flex_attention, dynamic=False)
-        found["flex, block mask"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-    except Exception as error:  # flex is optional here: the table says why a row is missing
-        print(f"flex attention unavailable ({type(error).__name__}: {error})", flush=True)
-    return found, window
+        compiled = torch.compile(flex_attention, dynamic=False)
+        found["flex"] = lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+    splits = attention.key_splits(batch, kv_heads, queries * q_heads // kv_heads, window, torch.device(device))
+    return found, window, splits
+
+
+def graph_time(fn, layers: int, repeats: int, device: str) -> float:
+    """Microseconds per call: ``layers`` calls in one CUDA graph, replayed (the wall clock off CUDA)."""
+    if torch.device(device).type != "cuda":
+        import time
+
+        start = time.perf_counter()
+        for _ in range(layers):
+            fn()
+        return (time.perf_counter() - start) / layers * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up (and compilation) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(layers):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / layers)
+    return statistics.median(times)
 
 
 def main(argv=None):
@@ -87,20 +125,24 @@ def main(argv=None):
     parser.add_argument("--slots", type=int, default=4096 + 256, help="cache positions per row (the grid's cache)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=30, help="calls per CUDA graph (SmolLM2 has 30 layers)")
+    parser.add_argument("--flex", action="store_true", help="also flex attention (compiled once per shape)")
     parser.add_argument("--out", default="attention_kernels")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
-    time_fn = timer(args.device)
     # flex is compiled once per shape: past dynamo's recompile limit (8) it would silently run uncompiled
     torch._dynamo.config.recompile_limit = 1024
     rows = []
-    names = ["sdpa, all slots", "sdpa, valid window", "sdpa, no mask, window", "flex, block mask"]
-    columns = ["shape", "batch", "queries", "context", "window"] + [f"{n} us" for n in names]
+    names = ["one pass", "split keys", "stock (repeat kv)", "no mask"] + (["flex"] if args.flex else [])
+    columns = ["shape", "batch", "queries", "context", "window", "splits"] + [f"{n} us" for n in names]
+    columns += ["split vs one pass", "max abs diff"]
 
     def save_rows():  # after every batch, so a run cut short by a time limit keeps its table
         save(args.out, f"One layer's decode attention by kernel ({args.slots} cache slots per row)", rows,
-             notes="us: microseconds per call of one layer's attention (CUDA events after warm-up, median of "
-                   f"{args.repeats}). Command: python benchmarks/bench_attention.py " + " ".join(argv or sys.argv[1:]),
+             notes=f"us: microseconds per call of one layer's attention ({args.layers} calls in one CUDA graph, "
+                   f"CUDA events after warm-up, median of {args.repeats} replays). splits: key chunks of split keys "
+                   "(attention.key_splits). Command: python benchmarks/bench_attention.py "
+                   + " ".join(argv or sys.argv[1:]),
              columns=columns)  # fmt: skip
 
     for shape in args.shapes:
@@ -109,11 +151,16 @@ def main(argv=None):
                 for context in args.contexts:
                     if context + queries > args.slots:
                         continue
-                    found, window = kernels(batch, queries, context, args.slots, HEADS[shape], args.device, dtype)
-                    row = {"shape": shape, "batch": batch, "queries": queries, "context": context, "window": window}
+                    found, window, splits = kernels(batch, queries, context, args.slots, HEADS[shape], args.device,
+                                                    dtype, args.flex)  # fmt: skip
+                    row = {"shape": shape, "batch": batch, "queries": queries, "context": context, "window": window,
+                           "splits": splits}  # fmt: skip
                     with torch.no_grad():
                         for name, fn in found.items():
-                            row[f"{name} us"] = time_fn(fn, warmup=3, repeats=args.repeats) * 1000
+                            row[f"{name} us"] = round(graph_time(fn, args.layers, args.repeats, args.device), 1)
+                        diff = (found["split keys"]().float() - found["one pass"]().float()).abs().max().item()
+                    row["split vs one pass"] = round(row["split keys us"] / row["one pass us"], 3)
+                    row["max abs diff"] = float(f"{diff:.2g}")  # the split's output against one pass (bf16)
                     rows.append(row)
                     print(row, flush=True)
             save_rows()

@@ -18,7 +18,8 @@ for step in "$@"; do case $step in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; $PY -c "import torch, transformers, trl, peft; print(torch.__version__, transformers.__version__, trl.__version__, peft.__version__)" ;;
   stage*)  # copy a chunk of the SmolLM2 GGUF; assemble once all are there
     for d in .stage*/; do [ -d "$d" ] && cp "$d"/part_* "$HOME/stage/"; done
-    if [ -f "$HOME/stage/part_01" ] && [ ! -f "$GGUF" ]; then cat "$HOME"/stage/part_0* > "$GGUF"; fi
+    # only once every part is there (a machine that went cold between the calls has only the later one)
+    if [ -f "$HOME/stage/part_00" ] && [ -f "$HOME/stage/part_01" ] && [ ! -f "$GGUF" ]; then cat "$HOME"/stage/part_0* > "$GGUF"; fi
     [ -f "$GGUF" ] && sha256sum "$GGUF" ;;
   tests-fp32)
     log tests fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider \

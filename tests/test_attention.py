@@ -12,7 +12,14 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_blockdiff
-from hf_blockdiff.attention import GROUPED_SDPA, grouped_attention, grouped_sdpa_attention_forward, register
+from hf_blockdiff import attention
+from hf_blockdiff.attention import (
+    GROUPED_SDPA,
+    grouped_attention,
+    grouped_sdpa_attention_forward,
+    register,
+    split_key_attention,
+)
 from hf_blockdiff.engine import DecodeEngine
 from hf_blockdiff.masks import attention_backend
 from hf_blockdiff.policies import Sampling, Threshold
@@ -81,6 +88,41 @@ def test_without_a_mask_and_with_softcap_it_is_the_stock_call():
                                    expected, rtol=0, atol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("splits", [2, 5, 16])
+@pytest.mark.parametrize("keys", [16 * 16, 16 * 16 + 13, 1000])
+@pytest.mark.parametrize("q_len", [1, 7])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_split_keys_equal_one_pass(splits, keys, q_len, per_head):
+    """The keys split into chunks side by side (flash-decoding) and merged by log-sum-exp equal one softmax over
+    all of them: keys in front of the chunks (their own pass), whole chunks a query cannot see, a window that is a
+    view of a longer cache. On CUDA this is sdpa's memory-efficient kernel, elsewhere the plain math."""
+    g = torch.Generator().manual_seed(splits * keys + q_len)
+    batch, heads = 2, 3
+    cache = lambda: torch.randn(batch, heads, keys + 9, DIM, generator=g)[:, :, :keys].to(DEVICE)  # noqa: E731
+    query, key, value = torch.randn(batch, heads, q_len, DIM, generator=g).to(DEVICE), cache(), cache()
+    mask = torch.rand(batch, heads if per_head else 1, q_len, keys, generator=g) > 0.6
+    mask[..., : keys // 2] = False  # the first half of the chunks sees nothing
+    mask[..., 3] = True  # one key in front of the chunks, one in the last chunk: every query sees some key
+    mask[..., -1] = True
+    mask = mask.to(DEVICE)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.4)
+    got = split_key_attention(query, key, value, mask, splits, scale=0.4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_split_is_taken_only_where_it_fills_the_gpu(monkeypatch):
+    """Shapes only: one decoding row over 4,352 keys splits, 16 rows or 2,048 keys do not (where the H200
+    measured a loss), and nothing splits off CUDA or with the switch off."""
+    cuda = torch.device("cuda")
+    assert attention.key_splits(1, 3, 3, 4352, cuda) == 17
+    assert attention.key_splits(16, 2, 6, 4352, cuda) == 8  # Qwen2-1.5B heads: 32 blocks
+    assert attention.key_splits(16, 3, 3, 4352, cuda) == 1  # SmolLM2 heads: 48 blocks
+    assert attention.key_splits(1, 3, 3, 2048, cuda) == 1
+    assert attention.key_splits(1, 3, 3, 4096, torch.device("cpu")) == 1
+    monkeypatch.setattr(attention, "SPLIT_KEYS", False)
+    assert attention.key_splits(1, 3, 3, 4096, cuda) == 1
+
+
 def test_compiles_without_graph_breaks():
     """Decided on shapes and arguments only: dynamo traces it whole (as the engine's compiled step does)."""
     module, query, key, value, mask = inputs(3, 5, 3, 1)
@@ -133,7 +175,7 @@ def grouped_model():
     return model.eval().to(torch.float64)
 
 
-def decode(model, prompts, grouped, verify, monkeypatch):
+def decode(model, prompts, grouped, verify, monkeypatch, split=False):
     """Tokens, forwards and every logit the engine computed; counts the stock path's KV copies."""
     copies, logits = [], []
     repeat_kv = sdpa_attention.repeat_kv
@@ -141,6 +183,8 @@ def decode(model, prompts, grouped, verify, monkeypatch):
     head = model.logits_from_hidden
     monkeypatch.setattr(model, "logits_from_hidden", lambda h: logits.append(head(h)) or logits[-1], raising=False)
     monkeypatch.setattr(DecodeEngine, "grouped_sdpa", grouped)
+    if split:  # the split on every forward it can take, on any device (the CPU runs its math)
+        monkeypatch.setattr(attention, "key_splits", lambda b, h, q, keys, device: max(1, min(3, keys // 16)))
     rows = len(prompts)
     full = lambda v: torch.full((rows,), v, device=DEVICE)  # noqa: E731
     engine = DecodeEngine(model, rows, 40, 4, Threshold(full(0.5)), Sampling(full(False), full(1.0), full(0),
@@ -172,3 +216,18 @@ def test_engine_on_grouped_heads_equals_the_stock_path(verify, monkeypatch):
     for got, expected in zip(logits, stock_logits):
         torch.testing.assert_close(got, expected)
     assert copies == 0 and stock_copies > 0
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_engine_with_the_keys_split_equals_one_pass(verify, monkeypatch):
+    """The split and merge inside the engine's forwards (decoding and one-forward verify's scratch keys): the same
+    tokens, forwards and logits as one pass over the keys."""
+    model = grouped_model()
+    ids, am = padded_batch([7, 3, 5], seed=12)
+    prompts = [ids[r][am[r].bool()].tolist() for r in range(3)]
+    tokens, forwards, logits, _ = decode(model, prompts, True, verify, monkeypatch, split=True)
+    one_tokens, one_forwards, one_logits, _ = decode(model, prompts, True, verify, monkeypatch)
+    assert (tokens, forwards) == (one_tokens, one_forwards)
+    assert len(logits) == len(one_logits)
+    for got, expected in zip(logits, one_logits):
+        torch.testing.assert_close(got, expected)

@@ -11,6 +11,12 @@ layer. Here the ``G`` query heads of a KV head are folded into the query length 
 row as in the stock function, so the output is the stock one, and only queries and the mask grow. (transformers
 5.24 does this itself for a single query, but not under ``torch.compile``, which the engine's CUDA graph uses.)
 
+Long keys at small batch: sdpa's masked kernel runs one thread block per (row, KV head, 64 queries), each walking
+all the keys in turn, so one decoding row with 3 KV heads and 4,096 keys keeps 3 of the GPU's ~130 processors
+busy. :func:`split_key_attention` splits the keys into chunks that run side by side and merges their partial
+results by their log-sum-exp (flash-decoding). The fold takes it on CUDA when the split is what fills the GPU
+(:func:`key_splits`, decided on shapes only); its math is the same softmax, in another order of summation.
+
 :func:`register` adds it as the attention implementation :data:`GROUPED_SDPA`, with sdpa's mask function (a
 registered name needs one, or transformers drops 2D masks for it). :func:`grouped_attention` runs a model on it
 for a while; the decode engine does so for its forwards (engine.py).
@@ -28,6 +34,66 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 GROUPED_SDPA = "hf_blockdiff_sdpa"
 # What the stock function does itself, or does not support: it is called for these.
 _STOCK_ONLY = ("softcap", "s_aux", "position_bias")
+# Splitting the keys (measured on the H200, benchmarks/results/attention_kernels.md): it pays where few thread
+# blocks walk many keys (one row, 4,352 keys: 0.46-0.79x the one-pass time) and costs where the grid is already
+# about full (16 rows of SmolLM2: 1.4-2.4x). So: at most 32 thread blocks without it, at least 4,096 keys, and
+# chunks of at least 256 keys, up to as many blocks as fill an H200 (132 processors) twice.
+SPLIT_MAX_BLOCKS, SPLIT_MIN_KEYS, SPLIT_CHUNK, SPLIT_TARGET_BLOCKS = 32, 4096, 256, 264
+SPLIT_KEYS = True  # the switch benchmarks A/B (bench_attention.py)
+
+
+def key_splits(batch: int, kv_heads: int, queries: int, keys: int, device: torch.device) -> int:
+    """Chunks to split the keys into (1: none), on shapes only: where ``batch x kv_heads x query tiles`` thread
+    blocks leave most of the GPU idle and the keys are many, enough chunks of at least :data:`SPLIT_CHUNK` keys to
+    fill it. CUDA only: the CPU's kernel is no thread-block grid."""
+    blocks = batch * kv_heads * -(-queries // 64)
+    if not SPLIT_KEYS or device.type != "cuda" or blocks > SPLIT_MAX_BLOCKS or keys < SPLIT_MIN_KEYS:
+        return 1
+    return max(1, min(keys // SPLIT_CHUNK, SPLIT_TARGET_BLOCKS // blocks))
+
+
+def _attend(query, key, value, bias, scale):
+    """Attention of every (batch, head) over its keys under an additive ``bias``: ``(out, logsumexp (B, H, M))``.
+    CUDA: sdpa's memory-efficient kernel, which also returns the log-sum-exp; elsewhere the plain math (the
+    reference the CPU tests check the split and the merge with). A query with no visible key gets 0 and -inf."""
+    if query.is_cuda:
+        efficient = torch.ops.aten._scaled_dot_product_efficient_attention
+        out, lse = efficient(query, key, value, bias, True, scale=scale)[:2]
+        return out, lse[..., : query.shape[2]]
+    wide = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.to(wide), key.to(wide).transpose(-1, -2)) * scale + bias.to(wide)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), value.to(wide)).to(query.dtype), lse
+
+
+def split_key_attention(query, key, value, mask, splits: int, scale: float | None = None):
+    """sdpa of ``query (B, H, M, D)`` over ``key``/``value (B, H, K, D)`` under a bool ``mask (B, 1 or H, M, K)``,
+    the keys split into ``splits`` chunks computed side by side. The last ``splits x c`` keys (``c`` a multiple of
+    16, the kernel's bias alignment) become ``splits`` heads of a ``B x H`` batch, a view of the keys; the few
+    keys before them are one more pass. The partial outputs are merged by their log-sum-exp."""
+    batch, heads, q_len, dim = query.shape
+    keys, scale = key.shape[2], dim**-0.5 if scale is None else scale
+    chunk = keys // splits // 16 * 16
+    head = keys - splits * chunk  # < 16 * splits keys in front: their own pass
+    # The additive bias, padded to a multiple of 16 keys (so every slice of it is aligned as the kernel needs)
+    padded = -(-keys // 16) * 16
+    bias = query.new_full((batch, heads, q_len, padded), float("-inf"))
+    bias[..., :keys].masked_fill_(mask.expand(batch, heads, q_len, keys), 0.0)
+    flat = lambda t: t.reshape(batch * heads, 1, *t.shape[2:])  # noqa: E731  (B, H, ...) -> (B x H, 1, ...)
+    body = lambda t: t[:, :, head:].reshape(batch * heads, splits, chunk, t.shape[-1])  # noqa: E731  a view
+    queries = flat(query).expand(-1, splits, -1, -1).contiguous()
+    chunk_bias = bias[..., head:keys].unflatten(-1, (splits, chunk)).transpose(2, 3).reshape(batch * heads, splits,
+                                                                                             q_len, chunk)  # fmt: skip
+    out, lse = _attend(queries, body(key), body(value), chunk_bias, scale)
+    if head:
+        first = _attend(flat(query), flat(key[:, :, :head]), flat(value[:, :, :head]), flat(bias[..., :head]), scale)
+        out, lse = torch.cat([first[0], out], dim=1), torch.cat([first[1], lse], dim=1)
+    # merge: each chunk's softmax weighs by exp(its log-sum-exp - the largest); chunks with no visible key weigh 0
+    top = lse.amax(dim=1, keepdim=True)
+    weight = (lse - top.nan_to_num(0.0, neginf=0.0)).exp().unsqueeze(-1)  # (B x H, chunks, M, 1)
+    total = weight.sum(1).clamp_min(torch.finfo(weight.dtype).tiny)
+    merged = (out.to(weight.dtype) * weight).nan_to_num(0.0).sum(1) / total
+    return merged.to(query.dtype).reshape(batch, heads, q_len, value.shape[-1])
 
 
 def grouped_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -49,8 +115,13 @@ def grouped_sdpa_attention_forward(module, query, key, value, attention_mask, dr
     # The mask's rows in the same order: (rows, H or 1, Q, K) -> (rows, Hkv or 1, G or 1, Q, K) -> G * Q rows.
     mask = mask.unflatten(1, (-1, groups if mask.shape[1] > 1 else 1))
     mask = mask.expand(-1, -1, groups, q_len, k_len).reshape(mask.shape[0], -1, groups * q_len, k_len)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scaling)  # fmt: skip
+    splits = 1 if dropout or mask.dtype != torch.bool else key_splits(batch, key.shape[1], groups * q_len, k_len,
+                                                                         query.device)  # fmt: skip
+    if splits > 1:
+        out = split_key_attention(query, key, value, mask, splits, scale=scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                               scale=scaling)  # fmt: skip
     # (B, Hkv, G * Q, D) -> (B, H, Q, D) -> (B, Q, H, D), as the stock function returns it
     return out.reshape(out.shape[0], heads, q_len, value.shape[-1]).transpose(1, 2).contiguous(), None
 
