@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py --model smollm2 --adapter smollm2-bd16     # SmolLM2 + the shipped adapter
     python benchmarks/bench_engine.py --shape qwen2-1.5b                         # random weights: pure speed
     python benchmarks/bench_engine.py --shape smollm2-135m --stock-sdpa          # transformers' sdpa path (A/B)
+    python benchmarks/bench_engine.py --shape smollm2-135m --masked-prefill      # prefill under the dense mask (A/B)
 
 Decoders: the source model under HF ``generate()`` (eager dynamic cache, and ``cache_implementation="static"``,
 which transformers compiles on CUDA), and ``model.generate()`` of the block-diffusion model (the engine). Chat
@@ -292,6 +293,9 @@ def main(argv=None):
     parser.add_argument("--stock-sdpa", action="store_true",
                         help="our decoders on transformers' sdpa path, which repeats the KV heads under a mask, instead "
                         "of grouped query heads (hf_blockdiff/attention.py): the A/B of that change")  # fmt: skip
+    parser.add_argument("--masked-prefill", action="store_true",
+                        help="prefill under the dense mask instead of as plain causal attention "
+                        "(DecodeEngine.causal_prefill off): the A/B of that")  # fmt: skip
     parser.add_argument("--out", default="engine_smollm2")
     parser.add_argument("--merge", nargs="+", metavar="RESULT",
                         help="only merge saved tables (benchmarks/results/RESULT.json, e.g. one process per batch) "
@@ -301,10 +305,10 @@ def main(argv=None):
         merge(args.out, args.merge)
         return
 
-    if args.stock_sdpa:
-        from hf_blockdiff.engine import DecodeEngine
+    from hf_blockdiff.engine import DecodeEngine
 
-        DecodeEngine.grouped_sdpa = False
+    DecodeEngine.grouped_sdpa = not args.stock_sdpa
+    DecodeEngine.causal_prefill = not args.masked_prefill
     source, model, tokenizer = load(args)
     vocab = model.config.vocab_size
     eos = [] if tokenizer is None else [tokenizer.eos_token_id]

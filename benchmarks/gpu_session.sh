@@ -46,7 +46,7 @@ for step in "$@"; do case $step in
   bench-grid)  # issue 20: batch x context, HF static vs ours b=1 (valid-prefix keys, then all keys) vs the default
     # decoding, with memory. One process per model and batch (each under GRID_TIMEOUT s), merged into one table per
     # model. MODELS (smollm2 and/or shapes of benchmarks/common.py), BATCHES, CONTEXTS, CONTEXT_SETTINGS, REPEATS,
-    # ADAPTER (smollm2's; empty: none) from the environment
+    # ADAPTER (smollm2's; empty: none), GRID_EXTRA (e.g. --masked-prefill) from the environment
     for m in ${MODELS:-smollm2 qwen2-1.5b}; do
       if [ "$m" = smollm2 ]; then src=(--model "$GGUF"); [ -n "${ADAPTER-smollm2-bd16}" ] && src+=(--adapter "${ADAPTER-smollm2-bd16}")
       else src=(--shape "$m"); fi
@@ -55,7 +55,7 @@ for step in "$@"; do case $step in
         log bench grid $m batch $b; rm -f benchmarks/results/grid_"${m}_b${b}"_contexts.* benchmarks/results/"$name".*
         timeout -k 10 "${GRID_TIMEOUT:-300}" $PY benchmarks/bench_engine.py "${src[@]}" --no-chat --batches "$b" \
           --contexts ${CONTEXTS:-128 1024 4096} --context-settings ${CONTEXT_SETTINGS:-1:1.0 all:1:1.0 default} \
-          --repeats "${REPEATS:-3}" --out "grid_${m}_b$b" 2>&1 \
+          --repeats "${REPEATS:-3}" ${GRID_EXTRA:-} --out "grid_${m}_b$b" 2>&1 \
           | grep -v "^{\|^|\|^$\|^# \|^Device: \|^Prompts: " | tail -8
         rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || echo "grid $m batch $b: exit $rc (124: past GRID_TIMEOUT; its rows so far are kept)"
         parts+=("grid_${m}_b${b}_contexts")  # in $OUT at once (a call cut short keeps it; --merge it there later)

@@ -586,3 +586,43 @@ def test_the_key_window_grows_with_the_rows_and_changes_no_token(candidates, gue
     assert positions == sorted(positions) and len(set(positions)) >= 2  # it grew during the run
     assert max(positions) < engine.slots_per_row
     assert all(p & (p - 1) == 0 for p in positions)  # powers of two: few graphs
+
+
+@pytest.mark.parametrize("arch,lengths,plain", [("llama", [9, 2, 5], True), ("qwen2", [4, 2, 3], True),
+                                                ("mistral", [3, 9], False)])  # fmt: skip
+@pytest.mark.parametrize("candidates,guesses", [(0, 0), (3, 2)])
+def test_a_prefill_is_plain_causal_attention_where_that_is_exact(monkeypatch, arch, lengths, plain, candidates,
+                                                                  guesses):  # fmt: skip
+    """A prefill of right-padded prompts runs as sdpa's ``is_causal`` over the keys from the first position (no
+    mask) unless a sliding window is shorter than a prompt (mistral's 4 here, qwen2's layers: 4 tokens fit); its
+    keys, values and tokens equal those of the masked prefill, scratch slots in front or not."""
+    model = pair(arch, 4)
+    prompts = prompts_of(lengths, seed=4)
+    paths, forward = [], DecodeEngine._forward
+
+    def spy(self, *args, plain_causal=False, **kwargs):
+        paths.append(plain_causal)
+        return forward(self, *args, plain_causal=plain_causal, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "_forward", spy)
+    runs = {}
+    for causal in (True, False):
+        build = lambda: DecodeEngine(model, len(prompts), 40, 4, rule_for("threshold", 0.9, len(prompts)),  # noqa: E731
+                                     sampling_for(len(prompts)), eos_token_ids=[EOS], pad_token_id=PAD,
+                                     candidates=candidates, guesses=guesses)  # fmt: skip
+        engine = build()
+        engine.causal_prefill = causal
+        paths.clear()
+        engine.add(prompts, list(range(len(prompts))), MAX_NEW, verify=bool(candidates))
+        prefill = paths[0]
+        kv = [[tensor[r, :, : len(p)].clone() for r, p in enumerate(prompts)] for layer in range(len(engine.cache))
+              for tensor in engine.cache.positions(layer)]  # fmt: skip
+        engine = build()
+        engine.causal_prefill = causal
+        runs[causal] = prefill, kv, decode_rows(engine, prompts, verify=bool(candidates))
+    (taken, kv, tokens), (masked, kv_masked, tokens_masked) = runs[True], runs[False]
+    assert (taken, masked) == (plain, False)
+    for got, expected in zip(kv, kv_masked):
+        for row, row_expected in zip(got, expected):
+            torch.testing.assert_close(row, row_expected, rtol=1e-9, atol=1e-9)
+    assert tokens == tokens_masked

@@ -34,6 +34,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 GROUPED_SDPA = "hf_blockdiff_sdpa"
 # What the stock function does itself, or does not support: it is called for these.
 _STOCK_ONLY = ("softcap", "s_aux", "position_bias")
+# A forward keyword by which the caller vouches that the forward is plain causal over its keys, whose first
+# positions are its queries (the decode engine's prefill of right-padded prompts, docs/design.md 2.5): the mask
+# passed is then not read, and sdpa runs ``is_causal`` (flash on CUDA, skipping the keys a query cannot see).
+CAUSAL = "hf_blockdiff_causal"
 # Splitting the keys (measured on the H200, benchmarks/results/attention_kernels.md): it pays where few thread
 # blocks walk many keys (one row, 4,352 keys: 0.46-0.79x the one-pass time) and costs where the grid is already
 # about full (16 rows of SmolLM2: 1.4-2.4x). So: at most 32 thread blocks without it, at least 4,096 keys, and
@@ -85,9 +89,15 @@ def split_key_attention(query, key, value, mask, splits: int, scale: float | Non
     chunk_bias = bias[..., head:keys].unflatten(-1, (splits, chunk)).transpose(2, 3).reshape(batch * heads, splits,
                                                                                              q_len, chunk)  # fmt: skip
     out, lse = _attend(queries, body(key), body(value), chunk_bias, scale)
+    # Which chunks a query sees any key of, from the mask: kernels disagree on an empty row's log-sum-exp (torch's
+    # memory-efficient kernel returns 0, flash +inf, the math -inf), and only -inf weighs it 0 in the merge.
+    seen = mask[..., head:keys].unflatten(-1, (splits, chunk)).any(-1).expand(batch, heads, q_len, splits)
+    seen = seen.transpose(2, 3).reshape(batch * heads, splits, q_len)
     if head:
         first = _attend(flat(query), flat(key[:, :, :head]), flat(value[:, :, :head]), flat(bias[..., :head]), scale)
         out, lse = torch.cat([first[0], out], dim=1), torch.cat([first[1], lse], dim=1)
+        seen = torch.cat([flat(mask[..., :head].any(-1).expand(batch, heads, q_len)), seen], dim=1)
+    lse = lse.masked_fill(~seen, float("-inf"))
     # merge: each chunk's softmax weighs by exp(its log-sum-exp - the largest); chunks with no visible key weigh 0
     top = lse.amax(dim=1, keepdim=True)
     weight = (lse - top.nan_to_num(0.0, neginf=0.0)).exp().unsqueeze(-1)  # (B x H, chunks, M, 1)
@@ -102,6 +112,9 @@ def grouped_sdpa_attention_forward(module, query, key, value, attention_mask, dr
     under a 4D mask (bool or additive, with 1 or ``H`` heads). Everything else is the stock call: no grouping
     (``G = 1``), no mask (sdpa's ``is_causal`` / ``enable_gqa`` path copies nothing), soft-capping, sinks, a
     position bias. Decided on shapes and arguments only, never on tensor values (``torch.compile``, CUDA graphs)."""
+    if kwargs.pop(CAUSAL, False):
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=True, **kwargs)  # fmt: skip
     groups = getattr(module, "num_key_value_groups", 1)
     mask, heads = attention_mask, query.shape[1]
     if (groups == 1 or mask is None or mask.dim() != 4 or mask.shape[1] not in (1, heads)

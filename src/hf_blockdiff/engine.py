@@ -32,10 +32,10 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.utils import logging
 
-from .attention import grouped_attention
+from .attention import CAUSAL, grouped_attention
 from .compat import cache_argument
 from .decoding import COMMIT, DENOISE, IDLE, Denoising, DraftVerify, StepInputs, StepOutput, VerifyAhead
-from .masks import decode_meta
+from .masks import decode_meta, layer_windows
 from .noisy_adapter import has_adapter, set_gate
 from .policies import CommitRule, Sampling, propose
 from .settings import check_block_settings
@@ -72,7 +72,7 @@ class SlotCache(Cache):
 
     Before each forward the engine sets ``write_index`` (``(n, q)``: the cache index of every input token),
     ``rows`` (None for all slots, or the ``(n,)`` slots a smaller forward covers) and ``window`` (attention reads
-    indices ``0 .. window``; None: all). Buffers are allocated on the first write, from the shapes the attention
+    indices ``start .. window``; None: all). Buffers are allocated on the first write, from the shapes the attention
     layers hand over. The first ``front`` indices are scratch slots; position ``p`` lives at ``front + p``.
     """
 
@@ -84,6 +84,7 @@ class SlotCache(Cache):
         self.write_index: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
         self.window: int | None = None
+        self.start = 0  # the first index attention reads (a causal prefill reads from the first position)
 
     def __len__(self):
         return len(self.keys)
@@ -98,7 +99,7 @@ class SlotCache(Cache):
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros(shape))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        window = slice(None, self.window)
+        window = slice(self.start, self.window)
         if self.rows is None:
             index = self.write_index[:, None, :, None].expand_as(key_states)
             keys.scatter_(2, index, key_states)
@@ -164,6 +165,11 @@ class DecodeEngine:
     # Whether a step attends only the valid prefix of the cache (see the module docstring) instead of all of it; the
     # same tokens either way. False (before the first step, as above) measures attention over every slot.
     key_window = True
+    # Whether a prefill that is plain causal attention (sdpa, no sliding window shorter than the prompts) runs as
+    # such: keys from the first position, sdpa's ``is_causal`` (flash on CUDA) instead of the dense mask over the
+    # window. Right padding makes it exact: a prompt token never sees a later (pad) key, and nobody reads a pad's
+    # output or its keys (they are stale slots). False (on the class or one engine) measures the masked prefill.
+    causal_prefill = True
     MIN_WINDOW = 256  # the smallest window: fewer graphs for short requests, which cost the same anyway
 
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
@@ -253,12 +259,41 @@ class DecodeEngine:
         self.key = None  # set by whoever caches the engine for reuse (generate())
 
     # -- the forward ---------------------------------------------------------------------------------------
-    def _forward(self, ids, length, block_len, causal, rows=None, gate=None, candidates=None):
+    def _prefill_is_plain_causal(self, longest: int) -> bool:
+        """Whether a prefill of prompts up to ``longest`` tokens may run as plain causal attention
+        (:attr:`causal_prefill`): the model runs :data:`attention.GROUPED_SDPA`, which reads the vouching keyword,
+        and no layer's sliding window is shorter than the prompts."""
+        config = self.model.config
+        if not (self.causal_prefill and self.grouped_sdpa and config._attn_implementation == "sdpa"):
+            return False
+        windows = layer_windows(config, self.model._mask_per_layer_type).values()
+        return all(window is None or longest <= window for window in windows)
+
+    def _plain_causal_masks(self, n: int, q: int):
+        """What the base model's mask argument gets in a plain causal prefill (attention does not read it): a 4D
+        tensor, so the model builds no mask of its own; one per layer type where it takes a mapping."""
+        placeholder = torch.ones((), dtype=torch.bool, device=self.device).expand(n, 1, q, q)
+        types = layer_windows(self.model.config, self.model._mask_per_layer_type)
+        return placeholder if None in types else dict.fromkeys(types, placeholder)
+
+    def _forward(self, ids, length, block_len, causal, rows=None, gate=None, candidates=None, plain_causal=False):
         """Hidden states of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule.
         ``gate`` (``(n, q)``): where a noisy-scope adapter acts (the positions being denoised); off when None.
         ``candidates`` (``(n, C)`` bool, a step of an engine with candidates): which candidate blocks each row
-        carries after its block (see :func:`masks.decode_meta`); ``ids`` then has the step's full query width."""
+        carries after its block (see :func:`masks.decode_meta`); ``ids`` then has the step's full query width.
+        ``plain_causal``: a prefill from position 0 that :meth:`_prefill_is_plain_causal` allows (no mask built)."""
         q = ids.shape[1]
+        if plain_causal:  # the keys are this forward's own tokens, from the first position
+            positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
+            window = self.cache.window
+            self.cache.write_index, self.cache.rows = positions + self.scratch, rows
+            self.cache.start, self.cache.window = self.scratch, self.scratch + q
+            try:
+                return self.model.model(input_ids=ids, attention_mask=self._plain_causal_masks(ids.shape[0], q),
+                                        position_ids=positions, use_cache=True,
+                                        **{self.cache_arg: self.cache, CAUSAL: True}).last_hidden_state  # fmt: skip
+            finally:
+                self.cache.start, self.cache.window = 0, window
         if candidates is None:
             positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
             slots = positions + self.scratch
@@ -443,8 +478,10 @@ class DecodeEngine:
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
         zero = torch.zeros(n, dtype=torch.long, device=dev)
         self.cache.window = self._window_for(longest)
+        plain_causal = self._prefill_is_plain_causal(longest)  # (before grouped_attention renames the backend)
         with grouped_attention(self.model.config, self.grouped_sdpa):
-            hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows)
+            hidden = self._forward(ids, zero, lengths, torch.ones(n, dtype=torch.bool, device=dev), rows=rows,
+                                   plain_causal=plain_causal)  # fmt: skip
         last = self.model.logits_from_hidden(hidden[torch.arange(n, device=dev), lengths - 1]).unsqueeze(1)
         if not torch.isfinite(last.amax(-1)).all():  # amax keeps NaN and +inf; once per prefill, not per token
             raise FloatingPointError("The model's logits are NaN or infinite (NaN/inf weights, or a dtype that "
