@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gzip
 import importlib.util
 import json
 import os
@@ -184,9 +185,9 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode()
+    # gzip where the name says so: common.read_jsonl decompresses a .gz name (a plain file so named cost a GPU call)
+    tmp.write_bytes(gzip.compress(text, compresslevel=6) if out.suffix == ".gz" else text)
     os.replace(tmp, out)
 
     for source in dict.fromkeys(r["source"] for r in sorted(records, key=lambda r: r["source"])):

@@ -24,6 +24,10 @@ for step in "$@"; do case $step in
   tests-fp32)
     log tests fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider \
       tests/test_conformance.py tests/test_masks.py tests/test_generate.py tests/test_attention.py 2>&1 | tee "$OUT/tests_cuda_fp32.log" | tail -15 ;;  # whole log even if cut short
+  tests-engine)  # the engine's CUDA paths (graphs, key windows, split keys, causal prefill) against the reference
+    log tests engine fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 timeout "${TESTS_TIMEOUT:-300}" \
+      $PY -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_attention.py 2>&1 \
+      | tee "$OUT/tests_cuda_engine_fp32.log" | tail -15 ;;
   tests-flex)
     log tests flex fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider --tb=short -x \
       tests/test_conformance.py tests/test_generate.py -k flex_attention 2>&1 | tail -40 | tee "$OUT/tests_cuda_flex_fp32.txt" ;;
