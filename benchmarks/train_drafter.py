@@ -297,6 +297,16 @@ def stage_adapter(args):
     print(f"{checkpoint.name}: {len(weights)} tensors -> {out}")
 
 
+def acceptance_by_position(block_lengths: list[list[int]], depth: int = 8) -> list[float | None]:
+    """Of the blocks that kept ``k - 1`` drafts, the share that kept draft ``k`` too, for ``k = 1 .. depth``: where a
+    drafter's acceptance decays. A verified block is its first token and the drafts kept; each row's first block
+    (the prefill's token may make one alone) and last (a budget or an EOS may cut it) are left out. None where no
+    block got that far."""
+    kept = [length - 1 for row in block_lengths for length in row[1:-1]]
+    reached = [sum(k >= j for k in kept) for j in range(depth + 1)]
+    return [round(reached[j] / reached[j - 1], 3) if reached[j - 1] else None for j in range(1, depth + 1)]
+
+
 def stage_evaluate(args):
     """Acceptance (issue 19's metric), at batch 1 unless --eval-batch: per verify setting, tokens per forward,
     accepted drafts per block, and the share of prompts whose output equals the source's greedy output and the
@@ -316,7 +326,7 @@ def stage_evaluate(args):
     def decode(setting):
         # A batch gives each row what it gives alone (design 2.5), and `candidates` set explicitly keeps the plan,
         # so --eval-batch only changes how long this takes (exactly so in fp32).
-        outputs, tokens, forwards, blocks = [], 0, 0, 0
+        outputs, tokens, forwards, blocks, lengths = [], 0, 0, 0, []
         for start in range(0, len(prompts), args.eval_batch):
             group = prompts[start : start + args.eval_batch]
             width = max(map(len, group))
@@ -329,7 +339,9 @@ def stage_evaluate(args):
                 outputs.append(out.sequences[row, width : width + generated].tolist())
                 tokens, forwards = tokens + generated, forwards + int(out.row_forward_passes[row])
                 blocks += len(out.block_starts[row])
-        return outputs, tokens, forwards, blocks
+                starts = list(out.block_starts[row]) + [generated]
+                lengths.append([end - start for start, end in zip(starts, starts[1:])])
+        return outputs, tokens, forwards, blocks, lengths
 
     def share(outputs, reference):
         return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
@@ -345,12 +357,13 @@ def stage_evaluate(args):
                 block_size=b, verify=True, candidates=min(candidates, b), guesses=guesses)  # fmt: skip
     rows, own = [], None
     for name, setting in settings.items():
-        outputs, tokens, forwards, blocks = decode(setting)
+        outputs, tokens, forwards, blocks, lengths = decode(setting)
         own = own or outputs
         verified = setting.get("verify", False)
         rows.append({"decoding": name, "tokens per forward": round(tokens / forwards, 3),
                      "accepted drafts per block": round(tokens / blocks - 1, 3) if verified else None,
-                     "= source greedy": share(outputs, source_greedy), "= own b=1": share(outputs, own)})  # fmt: skip
+                     "= source greedy": share(outputs, source_greedy), "= own b=1": share(outputs, own),
+                     "draft k kept, of blocks that kept k - 1": acceptance_by_position(lengths) if verified else None})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     result = {"adapter": str(args.adapter), "dtype": args.dtype, "prompts": args.num_prompts,
               "new_tokens": args.new_tokens, "rows": rows}  # fmt: skip

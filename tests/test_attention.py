@@ -88,6 +88,19 @@ def test_without_a_mask_and_with_softcap_it_is_the_stock_call():
                                    expected, rtol=0, atol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_vouched_causal_forward_equals_the_causal_mask(groups):
+    """With ``attention.CAUSAL`` the mask passed is not read and sdpa runs ``is_causal`` over keys whose first
+    positions are the queries: the same output as the dense lower-triangular mask (the engine's causal prefill)."""
+    module, query, key, value, _ = inputs(groups, KEYS, 1, 1)
+    causal = torch.ones(KEYS, KEYS, dtype=torch.bool).tril().expand(3, 1, KEYS, KEYS).to(DEVICE)
+    query, key, value = query.to(DEVICE), key.to(DEVICE), value.to(DEVICE)
+    expected, _ = grouped_sdpa_attention_forward(module, query, key, value, causal, scaling=0.3)
+    unread = torch.ones_like(causal)  # all True: were it read, every query would see every key
+    got, _ = grouped_sdpa_attention_forward(module, query, key, value, unread, scaling=0.3, **{attention.CAUSAL: True})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("splits", [2, 5, 16])
 @pytest.mark.parametrize("keys", [16 * 16, 16 * 16 + 13, 1000])
 @pytest.mark.parametrize("q_len", [1, 7])
