@@ -122,6 +122,25 @@ block diffusion (dense sdpa, liger, compiled layers)"}
       | grep "^|\|^{"
     [ -f benchmarks/results/trainer_drafter.md ] || $PY "${bench[@]}" --from-log "$OUT/trainer_drafter.log" | grep "^|"
     cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
+  drafter-sweep)  # issue 19: drafter recipes side by side on one GPU, each a fresh run of STEPS steps (MINUTES caps it),
+    # evaluated at its end (EVAL_AFTER prompts). SWEEP: the recipes' train_drafter.py train arguments, separated by
+    # ';'. A small model leaves most of the H200 idle, so concurrent runs cost little more than one. Back in $OUT:
+    # sweep_<i>.tar.gz per recipe (recipe, eval.json, log, training output, and the adapter where it fits).
+    log drafter sweep; S=$HOME/work/sweep; rm -rf "$S"; mkdir -p "$S"
+    IFS=';' read -ra recipes <<< "${SWEEP:?SWEEP: recipes separated by ;}"
+    for i in "${!recipes[@]}"; do
+      mkdir -p "$S/$i"; echo "${recipes[$i]}" > "$S/$i/recipe.txt"
+      # shellcheck disable=SC2086  # a recipe is a list of arguments
+      $PY benchmarks/train_drafter.py train --source "$GGUF" --targets .carry_gpu/targets --out "$S/$i/out" \
+        --work "$S/$i/work" --minutes "${MINUTES:-5}" --total-steps "${STEPS:-200}" --eval-after "${EVAL_AFTER:-16}" \
+        ${recipes[$i]} 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|^$" > "$S/$i/train.log" &
+    done; wait
+    for i in "${!recipes[@]}"; do
+      files=(recipe.txt train.log); [ -f "$S/$i/out/eval.json" ] && files+=(out/eval.json out/drafter_log.jsonl)
+      [ -d "$S/$i/work/adapter" ] && [ "$(du -sm "$S/$i/work/adapter" | cut -f1)" -lt 15 ] && files+=(work/adapter)
+      tar -C "$S/$i" -czf "$OUT/sweep_$i.tar.gz" "${files[@]}"
+      echo "recipe $i: ${recipes[$i]}"; tail -n 3 "$S/$i/train.log" | cut -c1-400
+    done ;;
   drafter-stage-state)  # a state is too big to travel with the targets: carry .carry_gpu/state (+ drafter_log.jsonl)
     # in one call, this step keeps it on the machine; drafter-train in the next call resumes from it
     D=$HOME/work/drafter; mkdir -p "$D" && rm -rf "$D/state" && cp -r .carry_gpu/state "$D/state" \

@@ -180,7 +180,7 @@ def drafter_trainer(args, rows, output_dir: Path, callbacks):
         adapter_scope="noisy", whole_block_noise=args.whole_block_noise, growth_start=args.growth_start,
         growth_interval_steps=max(1, int(args.total_steps * args.growth_fraction / growth_sizes)),
         certainty_loss_weight=args.certainty, soft_label_weight=args.soft_labels,
-        dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
+        diffusion_position_decay=args.position_decay, dataloader_num_workers=0 if args.device == "cpu" else 2, seed=0,
         pad_to_multiple_of=args.pad_to_multiple_of or None, torch_compile=args.compile,
     )  # fmt: skip
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -351,10 +351,12 @@ def stage_evaluate(args):
     settings = {"b=1": dict(block_size=1)}
     for b in args.eval_blocks:
         settings[f"b={b} two-forward verify"] = dict(block_size=b, verify=True, candidates=0)
-        for plan in args.plans:  # candidates:guesses
-            candidates, guesses = (int(n) for n in plan.split(":"))
-            settings[f"b={b} one-forward verify, {candidates} candidates, {guesses} guesses"] = dict(
-                block_size=b, verify=True, candidates=min(candidates, b), guesses=guesses)  # fmt: skip
+        for plan in args.plans:  # candidates:guesses[:width]
+            candidates, guesses, *width = (int(n) for n in plan.split(":"))
+            name = f"b={b} one-forward verify, {candidates} candidates, {guesses} guesses" + (
+                f", width {width[0]}" if width else "")  # fmt: skip
+            settings[name] = dict(block_size=b, verify=True, candidates=min(candidates, b), guesses=guesses,
+                                  candidate_width=width[0] if width else None)  # fmt: skip
     rows, own = [], None
     for name, setting in settings.items():
         outputs, tokens, forwards, blocks, lengths = decode(setting)
@@ -432,6 +434,8 @@ def main(argv=None):
     parser.add_argument("--growth-fraction", type=float, default=0.1, help="share of the run spent growing")
     parser.add_argument("--whole-block-noise", type=float, default=0.5)
     parser.add_argument("--certainty", type=float, default=0.0)
+    parser.add_argument("--position-decay", type=float, default=0.0,
+                        help="DFlash's loss decay: weight a block's k-th position exp(-(k - 1) / this); 0: off")  # fmt: skip
     parser.add_argument("--soft-labels", type=float, default=0.0,
                         help="weight of the soft-label term (KL from the source's distribution; 0: off)")  # fmt: skip
     parser.add_argument("--max-length", type=int, default=1024)
@@ -456,9 +460,9 @@ def main(argv=None):
     parser.add_argument("--adapter", help="evaluate: an adapter folder or a shipped name")
     parser.add_argument("--dtype", default="bfloat16", help="evaluate: float32 makes '= source greedy' exact")
     parser.add_argument("--eval-blocks", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--plans", nargs="+", default=["15:1", "3:9"], metavar="C:G",
-                        help="evaluate: one-forward verify's candidates and guesses per candidate, each pair a row; "
-                             "a step carries b * (1 + (1 + G) * C) query positions per row")  # fmt: skip
+    parser.add_argument("--plans", nargs="+", default=["15:1", "3:9"], metavar="C:G[:W]",
+                        help="evaluate: one-forward verify's candidates, guesses per candidate and (optional) candidate "
+                             "width, each a row; a step carries b + (1 + G) * C * W query positions per row (W: b)")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-graph", action="store_true", help="evaluate eagerly (no capture/compile per shape)")

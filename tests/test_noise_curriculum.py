@@ -96,6 +96,32 @@ def test_complementary_copies_cover_every_maskable_position_once():
     torch.testing.assert_close(weights[:, 1][noise.maskable], 1 / (1 - t[noise.maskable]))
 
 
+@pytest.mark.parametrize("complementary,elbo", [(False, False), (False, True), (True, True)])
+def test_position_decay_weights_a_blocks_kth_position_exp_minus_k_minus_1_over_gamma(complementary, elbo):
+    ids, am, labels = sft_batch()
+    gamma = 3.0
+    g = torch.Generator().manual_seed(2)
+    plain = NoiseSampler(MASK, complementary=complementary, elbo_weighting=elbo)(ids, am, labels, 8, generator=g)
+    g = torch.Generator().manual_seed(2)
+    decayed = NoiseSampler(MASK, complementary=complementary, elbo_weighting=elbo, position_decay=gamma)(
+        ids, am, labels, 8, generator=g
+    )
+    assert torch.equal(plain.noisy_input_ids, decayed.noisy_input_ids)  # the noise itself is unchanged
+    _, offsets = block_grid(8, am, labels)
+    maskable = decayed.maskable
+    # brute force: the k-th position of its block (k = offset >= 1), counted from the block's first token
+    expected = torch.tensor([math.exp(-(k - 1) / gamma) for k in offsets[maskable].tolist()])
+    weights = decayed.diffusion_loss_weights
+    for copy in range(2 if complementary else 1):
+        got = weights[:, copy][maskable] if complementary else weights[maskable]
+        base = plain.diffusion_loss_weights
+        base = torch.ones_like(got) if base is None else (base[:, copy] if complementary else base)[maskable]
+        torch.testing.assert_close(got, base * expected)
+    assert (offsets[maskable] > 1).any()  # some weight below 1 was checked
+    with pytest.raises(ValueError, match="position_decay"):
+        NoiseSampler(MASK, position_decay=-1.0)
+
+
 @pytest.mark.parametrize(
     "start,ratio,warmup,interval,maximum", [(1, 2, 0, 10, 32), (1, 2, 25, 7, 16), (2, 3, 5, 4, 40)]
 )

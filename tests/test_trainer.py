@@ -242,6 +242,23 @@ def test_an_extra_loss_term_is_logged_when_on(tmp_path, term, setting):
         config(tmp_path, **{setting: -0.1})
 
 
+def test_the_position_decay_reaches_the_diffusion_loss(tmp_path):
+    """diffusion_position_decay weights the loss (design 2.7): the same step with and without it logs a different
+    diffusion loss, and a smaller one (every weight is at most 1, the divisor stays the count)."""
+    losses = {}
+    for gamma in (0.0, 1.0):
+        args = config(tmp_path / str(gamma), block_growth=False, max_steps=1, logging_steps=1,
+                      diffusion_position_decay=gamma)  # fmt: skip
+        trainer = BlockDiffusionTrainer(
+            source_model("llama"), args=args, train_dataset=cyclic_text(), processing_class=tiny_tokenizer()
+        )
+        trainer.train()
+        losses[gamma] = next(e["diffusion_loss"] for e in trainer.state.log_history if "diffusion_loss" in e)
+    assert losses[1.0] < losses[0.0]
+    with pytest.raises(ValueError, match="diffusion_position_decay must be >= 0"):
+        config(tmp_path, diffusion_position_decay=-1.0)
+
+
 def test_self_distillation_can_keep_only_trajectories_that_end(tmp_path):
     """distillation_keep_unfinished=False: every target ends with a stop token (the model learns to stop); when
     none does, the error says what to change."""

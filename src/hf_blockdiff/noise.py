@@ -6,7 +6,9 @@ probability ``t``. Maskable = supervised (label != -100) and not the first token
 padding and block-first tokens are never masked. With complementary masking (Fast-dLLM v2) a second copy masks
 exactly the maskable positions the first left clean, so every maskable token is supervised once per step.
 With ``whole_blocks`` > 0, that share of blocks gets ``t = 1`` (every maskable position masked): the block a
-drafter fills in one forward for verified decoding (docs/design.md 2.6).
+drafter fills in one forward for verified decoding (docs/design.md 2.6). With ``position_decay`` = gamma > 0 the
+diffusion loss at a block's k-th position (k >= 1) is weighted ``exp(-(k - 1) / gamma)`` (DFlash's loss decay): a
+verified draft counts only if every draft before it was accepted, so the near positions are worth more.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .masks import IGNORE_INDEX, block_grid
 @dataclass
 class NoisyBatch:
     noisy_input_ids: torch.LongTensor  # (batch, length), or (batch, 2, length) with complementary masking
-    diffusion_loss_weights: torch.Tensor | None  # same shape; 1/t per token with ELBO weighting, else None
+    diffusion_loss_weights: torch.Tensor | None  # same shape; 1/t (ELBO) times the position decay, else None
     maskable: torch.BoolTensor  # (batch, length)
     masked: torch.BoolTensor  # (batch, length): masked in the first copy
     noise_level: torch.Tensor  # (batch, length): t of the token's block (0 for context tokens)
@@ -41,12 +43,15 @@ class NoiseSampler:
 
     def __init__(
         self, mask_token_id: int, eps: float = 1e-3, complementary: bool = False, elbo_weighting: bool = False,
-        whole_blocks: float = 0.0,
+        whole_blocks: float = 0.0, position_decay: float = 0.0,
     ):  # fmt: skip
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"noise eps must be in [0, 1), got {eps}.")
         if not 0.0 <= whole_blocks <= 1.0:
             raise ValueError(f"The share of wholly masked blocks must be in [0, 1], got {whole_blocks}.")
+        if position_decay < 0:
+            raise ValueError(f"position_decay is a length in positions (0 = off), got {position_decay}.")
+        self.position_decay = position_decay
         self.whole_blocks = whole_blocks
         self.mask_token_id = mask_token_id
         self.eps = eps
@@ -80,4 +85,9 @@ class NoiseSampler:
             noisy = torch.stack([noisy, input_ids.masked_fill(maskable & ~masked, self.mask_token_id)], dim=1)
             if weights is not None:
                 weights = torch.stack([weights, 1.0 / (1.0 - t).clamp(min=self.eps)], dim=1)
+        if self.position_decay:
+            # only masked positions are read, and those have offset >= 1
+            decay = torch.exp(-(offsets - 1).clamp(min=0).float() / self.position_decay)
+            decay = decay.unsqueeze(1).expand(-1, 2, -1) if self.complementary else decay
+            weights = decay if weights is None else weights * decay
         return NoisyBatch(noisy, weights, maskable, masked, t)

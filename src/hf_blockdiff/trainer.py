@@ -54,6 +54,13 @@ class BlockDiffusionConfig(SFTConfig):
         default=0.0,
         metadata={"help": "Share of blocks masked whole (t = 1): the blocks verified decoding drafts in one forward."},
     )
+    diffusion_position_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight the diffusion loss at a block's k-th position by exp(-(k - 1) / gamma), gamma this value "
+            "(DFlash's loss decay: a draft is verified only after every draft before it). 0 = off."
+        },  # fmt: skip
+    )
     block_growth: bool = field(default=True, metadata={"help": "Grow the block size from growth_start to block_size."})
     growth_start: int = field(default=1, metadata={"help": "Block size at step 0 (1 = the AR model)."})
     growth_ratio: int = field(default=2, metadata={"help": "Factor of each growth step."})
@@ -135,7 +142,7 @@ class BlockDiffusionConfig(SFTConfig):
             raise ValueError(f"whole_block_noise is a share of blocks, in [0, 1]; got {self.whole_block_noise}.")
         if self.adapter_scope not in ("all", "noisy"):
             raise ValueError(f"adapter_scope must be 'all' or 'noisy', got {self.adapter_scope!r}.")
-        for name in ("certainty_loss_weight", "soft_label_weight"):
+        for name in ("certainty_loss_weight", "soft_label_weight", "diffusion_position_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}.")
         if self.fused_loss not in ("auto", "liger", "none"):
@@ -198,7 +205,7 @@ class BlockDiffusionTrainer(SFTTrainer):
         if args.torch_compile:
             compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         self.noise = NoiseSampler(self.mask_token_id, args.noise_eps, args.complementary_masking, args.elbo_weighting,
-                                  args.whole_block_noise)  # fmt: skip
+                                  args.whole_block_noise, args.diffusion_position_decay)  # fmt: skip
 
     def _build_accelerator_args(self, **kwargs):
         """No whole-model ``torch.compile`` from accelerate: ``torch_compile`` compiles the decoder layers instead
@@ -281,7 +288,8 @@ class BlockDiffusionTrainer(SFTTrainer):
             "final block_size": self.current_block_size,
             "ar_loss_weight": args.ar_loss_weight,
             "noise": f"t ~ U({args.noise_eps}, 1) per block" + (", 1/t weighting" if args.elbo_weighting else "")
-            + (", complementary masking" if args.complementary_masking else ""),
+            + (", complementary masking" if args.complementary_masking else "")
+            + (f", loss decay {args.diffusion_position_decay} positions" if args.diffusion_position_decay else ""),
             "learning_rate": args.learning_rate,
             "steps": self.state.global_step,
             "per_device_train_batch_size": args.per_device_train_batch_size,
