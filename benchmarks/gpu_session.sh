@@ -141,6 +141,14 @@ block diffusion (dense sdpa, liger, compiled layers)"}
       tar -C "$S/$i" -czf "$OUT/sweep_$i.tar.gz" "${files[@]}"
       echo "recipe $i: ${recipes[$i]}"; tail -n 3 "$S/$i/train.log" | cut -c1-400
     done ;;
+  drafter-eval)  # issue 19: acceptance of several adapters in one call (EVAL_ADAPTERS: folders, e.g. a sweep's
+    # $HOME/work/sweep/<i>/work/adapter, or shipped names; EVAL_ARGS: more train_drafter.py evaluate arguments)
+    i=0; for a in ${EVAL_ADAPTERS:?EVAL_ADAPTERS: adapter folders or shipped names}; do
+      log drafter evaluate "$a"; name="eval_${i}_$(basename "$a")"; i=$((i + 1))
+      # shellcheck disable=SC2086
+      timeout "${EVAL_TIMEOUT:-240}" $PY benchmarks/train_drafter.py evaluate --source "$GGUF" --adapter "$a" \
+        --out "$OUT/$name.json" ${EVAL_ARGS:-} 2>&1 | tee "$OUT/$name.log" | grep "^{" | cut -c1-330
+    done ;;
   drafter-stage-state)  # a state is too big to travel with the targets: carry .carry_gpu/state (+ drafter_log.jsonl)
     # in one call, this step keeps it on the machine; drafter-train in the next call resumes from it
     D=$HOME/work/drafter; mkdir -p "$D" && rm -rf "$D/state" && cp -r .carry_gpu/state "$D/state" \
