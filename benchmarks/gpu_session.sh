@@ -24,9 +24,10 @@ for step in "$@"; do case $step in
   tests-fp32)
     log tests fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider \
       tests/test_conformance.py tests/test_masks.py tests/test_generate.py tests/test_attention.py 2>&1 | tee "$OUT/tests_cuda_fp32.log" | tail -15 ;;  # whole log even if cut short
-  tests-engine)  # the engine's CUDA paths (graphs, key windows, split keys, causal prefill) against the reference
+  tests-engine)  # the engine's CUDA paths (graphs, key windows, split keys, causal prefill) against the reference;
+    # all 209 take far longer than one call (38 ran in 170 s): TESTS_K selects (pytest -k)
     log tests engine fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 timeout "${TESTS_TIMEOUT:-300}" \
-      $PY -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_attention.py 2>&1 \
+      $PY -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_attention.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
       | tee "$OUT/tests_cuda_engine_fp32.log" | tail -15 ;;
   tests-flex)
     log tests flex fp32; HF_BLOCKDIFF_TEST_DEVICE=cuda HF_BLOCKDIFF_TEST_DTYPE=float32 $PY -m pytest -q -p no:cacheprovider --tb=short -x \
@@ -124,8 +125,10 @@ block diffusion (dense sdpa, liger, compiled layers)"}
     cp benchmarks/results/trainer_drafter.* "$OUT/" ;;
   drafter-sweep)  # issue 19: drafter recipes side by side on one GPU, each a fresh run of STEPS steps (MINUTES caps it),
     # evaluated at its end (EVAL_AFTER prompts). SWEEP: the recipes' train_drafter.py train arguments, separated by
-    # ';'. A small model leaves most of the H200 idle, so concurrent runs cost little more than one. Back in $OUT:
-    # sweep_<i>.tar.gz per recipe (recipe, eval.json, log, training output, and the adapter where it fits).
+    # ';'. They share the GPU: three at batch 96 trained at 29.5k tokens/s each (88k together, about one run's
+    # 108k alone at batch 128) and took 42 GiB each, so a fourth ran out of memory. So a sweep saves calls and
+    # start-ups, not GPU time. Back in $OUT: sweep_<i>.tar.gz per recipe (recipe, eval.json, log, training output,
+    # and the adapter where it fits).
     log drafter sweep; S=$HOME/work/sweep; rm -rf "$S"; mkdir -p "$S"
     IFS=';' read -ra recipes <<< "${SWEEP:?SWEEP: recipes separated by ;}"
     for i in "${!recipes[@]}"; do
@@ -148,6 +151,9 @@ block diffusion (dense sdpa, liger, compiled layers)"}
       # shellcheck disable=SC2086
       timeout "${EVAL_TIMEOUT:-240}" $PY benchmarks/train_drafter.py evaluate --source "$GGUF" --adapter "$a" \
         --out "$OUT/$name.json" ${EVAL_ARGS:-} 2>&1 | tee "$OUT/$name.log" | grep "^{" | cut -c1-330
+      # chain against tree, fp32 (benchmarks/draft_ranks.py), into the same log
+      timeout 120 $PY benchmarks/draft_ranks.py --source "$GGUF" --adapter "$a" --num-prompts 16 --new-tokens 96 \
+        --sizes 16 32 64 128 256 512 --out "draft_ranks_$name" 2>&1 | grep "^|\|blocks" | tee -a "$OUT/$name.log"
     done ;;
   drafter-stage-state)  # a state is too big to travel with the targets: carry .carry_gpu/state (+ drafter_log.jsonl)
     # in one call, this step keeps it on the machine; drafter-train in the next call resumes from it

@@ -53,3 +53,22 @@ def test_chain_and_trees_count_the_drafts_their_path_keeps():
     tree = best_tree(ranks, 4)  # (0,) x3, (0, 0) x2, then one of the singletons, shorter first
     assert {(0,), (0, 0)} <= tree and len(tree) == 4 and all(node[:-1] in tree or len(node) == 1 for node in tree)
     assert tree_kept(tree, ranks) >= tree_kept({(0,), (0, 0)}, ranks)
+
+
+def test_a_tree_of_drafts_verifies_to_block_size_1_greedy():
+    """tree_verify.py's decode keeps block-size-1 greedy output whatever the tree: a chain, a bushy tree, a tree of
+    second choices only (every draft wrong, one token a block)."""
+    from tree_verify import decode
+
+    _, model, _, _ = with_random_adapter("llama")
+    prompt = torch.randint(3, 60, (7,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, block_size=1,
+                                eos_token_id=[], pad_token_id=0)[0, len(prompt) :].tolist()  # fmt: skip
+    trees = {"chain": [(0,), (0, 0), (0, 0, 0)], "bushy": [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)],
+             "second choices": [(1,), (1, 1)]}  # fmt: skip
+    forwards = {}
+    for name, tree in trees.items():
+        out, forwards[name] = decode(model, prompt, tree, block=4, max_new=10, eos=set())
+        assert out == greedy, name
+    assert forwards["second choices"] >= forwards["chain"] and forwards["second choices"] <= 2 * 10
