@@ -76,11 +76,22 @@ def verify_tree(model, seq: list[int], tree: list[tuple], choices: torch.Tensor)
         node, row = child, n + index[child]
 
 
-def decode(model, prompt: list[int], tree: list[tuple], block: int, max_new: int, eos: set) -> tuple[list[int], int]:
+@torch.no_grad()
+def causal_choices(model, seq: list[int], top: int) -> torch.Tensor:
+    """The causal model's first ``top`` choices after ``seq``: an exact first draft (one causal query at the block's
+    known first token, with the adapter off, which the drafting forward could carry)."""
+    return model(input_ids=torch.tensor([seq], device=model.device)).logits[0, -1].float().topk(top).indices
+
+
+def decode(model, prompt: list[int], tree: list[tuple], block: int, max_new: int, eos: set,
+           exact_first: bool = False) -> tuple[list[int], int]:  # fmt: skip
     seq, forwards = list(prompt), 0
     top = 1 + max(r for node in tree for r in node)
     while len(seq) - len(prompt) < max_new:
-        committed = verify_tree(model, seq, tree, draft_choices(model, seq, block, top))
+        choices = draft_choices(model, seq, block, top)
+        if exact_first:
+            choices[0] = causal_choices(model, seq, top)
+        committed = verify_tree(model, seq, tree, choices)
         forwards += 2
         for token in committed:
             seq.append(token)
@@ -101,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[15, 64, 256], help="tree sizes (15: the chain)")
     parser.add_argument("--fit-prompts", type=int, default=16, help="prompts after the decoded ones to fit trees on")
     parser.add_argument("--fit-depth", type=int, default=8, help="deepest draft a tree holds")
+    parser.add_argument("--exact-first", action="store_true",
+                        help="the first draft from the causal model at the block's first token, not the drafter")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -130,11 +143,14 @@ def main(argv=None):
         ranks += block_ranks(model, ids + greedy(ids, 96), len(ids), args.block_size, min(depth, args.fit_depth))
     if not ranks:
         raise SystemExit("No block to fit a tree on: give more --fit-prompts.")
+    if args.exact_first:  # the greedy continuation is the causal argmax: an exact first draft is always rank 0
+        ranks = [[0] + row[1:] for row in ranks]
     references = [greedy(ids, args.new_tokens) for ids in decoded]
     rows = []
     for size in args.sizes:
         tree = sorted(best_tree(ranks, size)) if size != depth else [(0,) * k for k in range(1, depth + 1)]
-        outputs, forwards = zip(*(decode(model, ids, tree, args.block_size, args.new_tokens, eos) for ids in decoded))
+        outputs, forwards = zip(*(decode(model, ids, tree, args.block_size, args.new_tokens, eos, args.exact_first)
+                                  for ids in decoded))  # fmt: skip
         tokens = sum(map(len, outputs))
         rows.append({"drafts": "chain (first choices)" if size == depth else "tree", "tree nodes": len(tree),
                      "tree depth": max(map(len, tree)), "tokens per forward": round(tokens / sum(forwards), 3),
@@ -142,7 +158,8 @@ def main(argv=None):
                      "= own b=1": f"{sum(a == b for a, b in zip(outputs, references))}/{len(outputs)}"})  # fmt: skip
         print(rows[-1], flush=True)
     name = args.out or f"tree_verify_{Path(str(args.adapter)).name}"
-    notes = (f"Two-forward verified decoding, uncached reference, {args.num_prompts} chat prompts alone, "
+    notes = (("First drafts from the causal model (--exact-first). " if args.exact_first else "") +
+             f"Two-forward verified decoding, uncached reference, {args.num_prompts} chat prompts alone, "
              f"{args.new_tokens} new tokens, b={args.block_size}, {args.dtype} on {args.device}, adapter "
              f"{args.adapter}; trees fitted on {len(ranks)} blocks (96 greedy tokens) of the next {args.fit_prompts} prompts, at most "
              f"{args.fit_depth} deep. "

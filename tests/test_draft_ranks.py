@@ -67,8 +67,11 @@ def test_a_tree_of_drafts_verifies_to_block_size_1_greedy():
                                 eos_token_id=[], pad_token_id=0)[0, len(prompt) :].tolist()  # fmt: skip
     trees = {"chain": [(0,), (0, 0), (0, 0, 0)], "bushy": [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)],
              "second choices": [(1,), (1, 1)]}  # fmt: skip
-    forwards = {}
-    for name, tree in trees.items():
-        out, forwards[name] = decode(model, prompt, tree, block=4, max_new=10, eos=set())
-        assert out == greedy, name
-    assert forwards["second choices"] >= forwards["chain"] and forwards["second choices"] <= 2 * 10
+    for exact_first in (False, True):  # first drafts from the drafter, or from the causal model
+        forwards = {}
+        for name, tree in trees.items():
+            out, forwards[name] = decode(model, prompt, tree, block=4, max_new=10, eos=set(), exact_first=exact_first)
+            assert out == greedy, (name, exact_first)
+        assert forwards["second choices"] >= forwards["chain"] and forwards["second choices"] <= 2 * 10
+        if exact_first:  # the chain's first draft is the causal token: every block keeps it
+            assert forwards["chain"] <= 2 * -(-10 // 2)
