@@ -198,7 +198,7 @@ def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, key_window=True, **set
 
 def decoder_setting(setting: str) -> tuple[str, dict]:
     """(name, generate() settings) of a --settings entry: ``default`` (generate()'s own), ``b:threshold[:eager]``
-    or ``b:verify[:candidates[:guesses[:candidate width]]]``; prefixed ``all:``, the engine attends every slot of its cache instead of
+    or ``b:verify[:candidates[:guesses[:candidate width (0: b)[:tree nodes]]]]``; prefixed ``all:``, the engine attends every slot of its cache instead of
     the valid prefix (``DecodeEngine.key_window`` off: the A/B of that)."""
     if setting.startswith("all:"):
         name, settings = decoder_setting(setting[len("all:") :])
@@ -209,11 +209,13 @@ def decoder_setting(setting: str) -> tuple[str, dict]:
     if threshold == "verify":
         candidates = int(extra[0]) if extra else None
         guesses = int(extra[1]) if len(extra) > 1 else None
-        width = int(extra[2]) if len(extra) > 2 else None
+        width = int(extra[2]) or None if len(extra) > 2 else None
+        tree = int(extra[3]) if len(extra) > 3 else None
         name = f"ours b={size} verify" + (f" c={candidates}" if extra else " (auto c)") + (
-            f" g={guesses}" if guesses is not None else "") + (f" w={width}" if width else "")  # fmt: skip
+            f" g={guesses}" if guesses is not None else "") + (f" w={width}" if width else "") + (
+            f" tree={tree}" if tree else "")  # fmt: skip
         return name, dict(block_size=int(size), verify=True, candidates=candidates, guesses=guesses,
-                          candidate_width=width)  # fmt: skip
+                          candidate_width=width, draft_tree=tree)  # fmt: skip
     name = f"ours b={size} thr {threshold}" + (" uncompiled" if extra else "")
     # compile_step only when it is off: left out (None) it is what generate()'s defaults give, so a default decoder
     # that decodes at block size 1 (denoise.verify_plan) reuses this one's engine, compiled graph and all

@@ -351,12 +351,12 @@ def stage_evaluate(args):
     settings = {"b=1": dict(block_size=1)}
     for b in args.eval_blocks:
         settings[f"b={b} two-forward verify"] = dict(block_size=b, verify=True, candidates=0)
-        for plan in args.plans:  # candidates:guesses[:width]
-            candidates, guesses, *width = (int(n) for n in plan.split(":"))
+        for plan in args.plans:  # candidates:guesses[:width[:tree nodes]]
+            candidates, guesses, width, tree = ([int(n) for n in plan.split(":")] + [0, 0])[:4]
             name = f"b={b} one-forward verify, {candidates} candidates, {guesses} guesses" + (
-                f", width {width[0]}" if width else "")  # fmt: skip
+                f", width {width}" if width else "") + (f", tree of {tree}" if tree else "")  # fmt: skip
             settings[name] = dict(block_size=b, verify=True, candidates=min(candidates, b), guesses=guesses,
-                                  candidate_width=width[0] if width else None)  # fmt: skip
+                                  candidate_width=width or None, draft_tree=tree)  # fmt: skip
     rows, own = [], None
     for name, setting in settings.items():
         outputs, tokens, forwards, blocks, lengths = decode(setting)
@@ -460,9 +460,10 @@ def main(argv=None):
     parser.add_argument("--adapter", help="evaluate: an adapter folder or a shipped name")
     parser.add_argument("--dtype", default="bfloat16", help="evaluate: float32 makes '= source greedy' exact")
     parser.add_argument("--eval-blocks", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--plans", nargs="+", default=["15:1", "3:9"], metavar="C:G[:W]",
-                        help="evaluate: one-forward verify's candidates, guesses per candidate and (optional) candidate "
-                             "width, each a row; a step carries b + (1 + G) * C * W query positions per row (W: b)")  # fmt: skip
+    parser.add_argument("--plans", nargs="+", default=["15:1", "3:9"], metavar="C:G[:W[:T]]",
+                        help="evaluate: one-forward verify's candidates, guesses per candidate, (optional) candidate "
+                             "width (0: b) and tree nodes besides the chain, each a row; a step carries "
+                             "b + T + (1 + G) * C * W query positions per row")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-graph", action="store_true", help="evaluate eagerly (no capture/compile per shape)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from helpers import DEVICE
 
+from hf_blockdiff.draft_tree import DraftTree
 from hf_blockdiff.policies import Sampling, propose
 
 
@@ -119,14 +120,17 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
 
 
 def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int, candidates: int, eos=(),
-                     min_new: int = 0, guesses: int = 1, width: int | None = None):  # fmt: skip
+                     min_new: int = 0, guesses: int = 1, width: int | None = None, tree=0, anchors=None):  # fmt: skip
     """One-forward verify (docs/design.md 2.6), greedy, one row, no cache: ``(tokens, committed_at, forwards,
     rejected)`` as the engine should produce them.
 
-    A "forward" here is several full forwards from scratch: the block ``[first, drafts]`` causally after the
-    context, and every candidate on its own: the context, the block's first ``k`` tokens, then ``block_size - 1``
-    masks that see each other. Where one of the draft's next ``guesses`` choices (2nd, 3rd, ...) at the first
-    rejected position is the causal token there, the candidate has that token in place of its first mask. ``rejected``: ``(index, drafted tokens dropped)`` for every cut draft but the last.
+    A "forward" here is several full forwards from scratch: the tree of drafts walked node by node, each node's
+    causal token from a forward over the context and the node's path, and every candidate on its own: the context,
+    the kept path up to its anchor, then masks that see each other. The tree (``tree``, ``anchors``: as
+    ``DraftTree`` takes them) only names which rank paths exist and where candidates are anchored. Where one of the
+    anchor's guesses (the draft's next choices there) is the token after it (the causal one where the kept path
+    ends at the anchor, else the path's), the candidate has that token in place of its first mask. ``rejected``: ``(index, drafted tokens dropped)`` for
+    every cut draft but the last.
     """
     windows = _windows(model)
     mask_id = model.config.mask_token_id
@@ -134,10 +138,14 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
     greedy = Sampling(*(torch.tensor([v], device=DEVICE) for v in (False, 1.0, 0, 1.0)))
     width = min(width or block_size, block_size)  # a candidate: its anchor, then width - 1 masks
     eos_ids = torch.tensor([t for t in eos if t < vocab], dtype=torch.long, device=DEVICE)
+    shape = DraftTree(block_size, tree, candidates, guesses, anchors)
+    paths = set(shape.paths)
+    anchor_paths = [shape.paths[a] for a in shape.anchors]
+    guess_ranks = dict(zip(anchor_paths, shape.guess_rank))
 
     def predict(seq: list[int], block_from: int, causal_block: bool, first_index: int, choices=False):
         """Greedy tokens predicted by positions ``block_from ..`` of ``seq`` (each for the position after it);
-        with ``choices`` also each position's next ``guesses`` choices."""
+        with ``choices`` also each position's next choices (2nd, 3rd, ...)."""
         ids = torch.tensor([seq], device=DEVICE)
         mask = _mask(block_from, len(seq) - block_from, causal_block, windows, model)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(seq), device=DEVICE)[None])
@@ -146,7 +154,7 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
         tokens, _, dist = propose(picked, greedy, "probability", mask_id, eos_ids, (produced < min_new)[None],
                                   with_dist=True)  # fmt: skip
         if choices:
-            return tokens[0].tolist(), dist[0].topk(1 + guesses, dim=-1).indices[:, 1:].tolist()
+            return tokens[0].tolist(), dist[0].topk(1 + shape.choices, dim=-1).indices[:, 1:].tolist()
         return tokens[0].tolist()
 
     def is_stop(token: int, index: int) -> bool:
@@ -157,38 +165,47 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
     forwards = 1
     while True:
         forwards += 1
-        block = [first] + drafts
-        causal = predict(context + block, len(context), True, len(generated) + 1)
-        keep = 1
-        while keep < len(block) and block[keep] == causal[keep - 1]:
-            keep += 1
+        chain = [first] + drafts
+        # the walk: from the first token down, the child (a rank path one longer) whose token is the causal one
+        path, kept = (), [first]
+        while True:
+            causal = predict(context + kept, len(context) + len(kept) - 1, True, len(generated) + len(kept))[0]
+            depth = len(path) + 1
+            children = [path + (r,) for r in range(1 + shape.choices) if path + (r,) in paths]
+            tokens = {(drafts[depth - 1] if c[-1] == 0 else alternatives[depth - 1][c[-1] - 1]): c
+                      for c in children if depth <= len(drafts)}  # fmt: skip
+            if causal not in tokens:
+                break
+            path = tokens[causal]
+            kept.append(causal)
+        keep = len(kept)
         for i in range(keep):  # cut after a kept stop token
-            if is_stop(block[i], len(generated) + i):
+            if is_stop(kept[i], len(generated) + i):
                 keep = i + 1
                 break
-        kept, ended = block[:keep], any(is_stop(t, len(generated) + i) for i, t in enumerate(block[:keep]))
+        kept, path = kept[:keep], path[: keep - 1]
+        ended = any(is_stop(t, len(generated) + i) for i, t in enumerate(kept))
         generated += kept
         committed_at += [first_at] + [forwards] * (keep - 1)
         context += kept
-        first = causal[keep - 1]
+        first = predict(context, len(context) - 1, True, len(generated))[0]
         left = max_new - len(generated)
         if ended or left <= 0:
             return generated, committed_at, forwards, rejected
         if left == 1 or is_stop(first, len(generated)):
             return generated + [first], committed_at + [forwards], forwards, rejected
-        if keep < len(block):
-            rejected.append((len(generated), block[keep:]))
-        # the candidate anchored at the last kept token (or the last with a candidate, read further along): that
-        # token, then masks, seeing each other and the block before it
-        k = min(keep, candidates)
-        anchor = len(context) - keep + k - 1
-        seq = context[: anchor + 1] + [mask_id] * (width - 1)
-        if k == keep and keep < len(block) and first in alternatives[keep - 1]:
-            seq[anchor + 1] = first
-        proposed, choices = predict(seq, anchor, False, len(generated) - keep + k, choices=True)
-        count = min(block_size - 1, width - 1 - (keep - k), left - 1)
-        drafts, alternatives = (
-            proposed[keep - k + 1 : keep - k + 1 + count],
-            choices[keep - k + 1 : keep - k + 1 + count],
-        )
+        if keep < len(chain):
+            rejected.append((len(generated), chain[keep:]))
+        # the candidate anchored nearest above the end of the kept path (read further along when it is above it):
+        # the kept path up to the anchor, then masks, seeing each other and what is before the anchor
+        anchor = max((a for a in anchor_paths if path[: len(a)] == a), key=len)
+        offset = len(path) - len(anchor)
+        at = len(context) - keep + len(anchor)  # the anchor's index in the sequence
+        seq = context[: at + 1] + [mask_id] * (width - 1)
+        after = first if offset == 0 else kept[len(anchor) + 1]  # the token after the anchor
+        if len(anchor) < len(drafts) and after in [alternatives[len(anchor)][r - 1] for r in guess_ranks[anchor]]:
+            seq[at + 1] = after
+        proposed, choices = predict(seq, at, False, len(generated) - keep + len(anchor) + 1, choices=True)
+        count = min(block_size - 1, width - 1 - offset, left - 1)
+        drafts, alternatives = proposed[offset + 1 : offset + 1 + count], choices[offset + 1 : offset + 1 + count]
         first_at = forwards

@@ -297,14 +297,20 @@ def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidate
     tokens, forwards, commit forwards and rejected drafts, for rows of different lengths in one batch, with stop
     tokens that end rows inside drafts and candidates and a budget that ends others inside a block; candidates
     of the block's width or shorter (then fewer drafts per block)."""
-    model = pair(arch, block_size)
-    prompts = prompts_of([6, 2, 9], seed=7)
-    rule, sampling = rule_for("threshold", 0.9, 3), sampling_for(3)
-    engine = DecodeEngine(model, 3, 40, block_size, rule, sampling, eos_token_ids=RARE_STOPS, pad_token_id=PAD,
-                          candidates=candidates, guesses=guesses, candidate_width=width)  # fmt: skip
+    engine, _ = verify_against_reference(pair(arch, block_size), block_size, candidates, guesses, width)
     assert engine.queries == block_size + (1 + guesses) * candidates * (width or block_size)
-    tokens, at = {r: [] for r in range(3)}, {r: [] for r in range(3)}
+
+
+def verify_against_reference(model, block_size, candidates, guesses, width, tree=0, anchors=None):
+    """Decode three rows of different lengths in one batch with one-forward verify (stop tokens, one budget inside
+    a block) and check each row against :func:`reference_verify`: tokens, commit forwards, forwards and rejected
+    drafts. Returns the engine and each row's tokens."""
+    prompts = prompts_of([6, 2, 9], seed=7)
+    engine = DecodeEngine(model, 3, 40, block_size, rule_for("threshold", 0.9, 3), sampling_for(3),
+                          eos_token_ids=RARE_STOPS, pad_token_id=PAD, candidates=candidates, guesses=guesses,
+                          candidate_width=width, tree=tree, anchors=anchors)  # fmt: skip
     budgets = [MAX_NEW, 13, MAX_NEW - 1]
+    tokens, at = {r: [] for r in range(3)}, {r: [] for r in range(3)}
     events = engine.add(prompts, [0, 1, 2], budgets, 2, verify=True)
     while any(s.busy for s in engine.slots) or events:
         for row, new, when, _ in events:
@@ -314,11 +320,74 @@ def test_one_forward_verify_equals_reference_decoder(arch, block_size, candidate
     for r, prompt in enumerate(prompts):
         expected, when, forwards, rejected = reference_verify(model, prompt, max_new=budgets[r], block_size=block_size,
                                                               candidates=candidates, eos=RARE_STOPS, min_new=2,
-                                                              guesses=guesses, width=width)  # fmt: skip
+                                                              guesses=guesses, width=width, tree=tree,
+                                                              anchors=anchors)  # fmt: skip
         assert tokens[r] == expected
         assert at[r] == when
         assert engine.forwards[r] == forwards
         assert engine.slots[r].rejected == rejected
+    return engine, [(prompts[r], budgets[r], tokens[r]) for r in range(3)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("block_size,candidates,guesses,width,tree,anchors",
+                         [(2, 1, 1, None, 2, None), (4, 2, 1, None, 3, None), (4, 1, 0, None, 5, None),
+                          (8, 3, 2, None, 12, None), (8, 3, 1, 4, [(1,), (1, 0), (0, 1), (2,)], [(), (1,), (0,)]),
+                          (8, 2, 0, None, 20, [(), (1,)]), (16, 4, 3, 8, 24, [(), (0,), (1,), (0, 1)]),
+                          (16, 16, 1, None, 40, None)])  # fmt: skip
+def test_a_tree_of_drafts_equals_its_reference_decoder(arch, block_size, candidates, guesses, width, tree, anchors):
+    """One-forward verify of a tree of drafts (draft_tree.py) against its brute-force reference (every tree node
+    and every candidate its own full forward): the same tokens (block-size-1 greedy), forwards, commit forwards and
+    rejected drafts, for rows of different lengths in one batch with stop tokens and budgets inside blocks; trees of
+    the likeliest paths or given ones, candidates anchored on the chain or off it."""
+    model = pair(arch, block_size)
+    engine, rows = verify_against_reference(model, block_size, candidates, guesses, width, tree, anchors)
+    assert engine.nodes == (tree if isinstance(tree, int) else len(tree)) > 0
+    for prompt, budget, tokens in rows:
+        ids = torch.tensor([prompt], device=DEVICE)
+        ar = model.generate(ids, block_size=1, max_new_tokens=budget, min_new_tokens=2, eos_token_id=RARE_STOPS,
+                            pad_token_id=PAD)  # fmt: skip
+        assert tokens == ar[0, len(prompt) :].tolist()[: len(tokens)]
+
+
+def test_generate_with_a_tree_of_drafts_gives_block_size_1_tokens():
+    """``draft_tree`` through generate(): a left-padded batch with stop tokens gives block-size-1 output token for
+    token, each forward keeping at least one; a bad value is refused with what to change."""
+    model = pair("llama", 8)
+    ids, am = padded_batch([7, 3, 5], seed=11)
+    kwargs = dict(attention_mask=am, max_new_tokens=21, eos_token_id=RARE_STOPS, pad_token_id=PAD, min_new_tokens=2,
+                  return_dict_in_generate=True)  # fmt: skip
+    ar = model.generate(ids, block_size=1, **kwargs)
+    tree = model.generate(ids, block_size=8, verify=True, candidates=2, guesses=2, draft_tree=16, **kwargs)
+    assert model._blockdiff_engine.engine.nodes == 16
+    assert torch.equal(tree.sequences, ar.sequences)
+    assert (tree.row_forward_passes <= ar.row_forward_passes).all()
+    with pytest.raises(ValueError, match="draft_tree must be >= 0"):
+        model.generate(ids, block_size=8, verify=True, draft_tree=-1, **kwargs)
+
+
+def test_the_one_buffer_cache_moves_what_per_layer_buffers_move():
+    """SlotCache: with the number of layers, every layer's keys and values are views of one buffer, and a move
+    (one gather, one scatter) changes them as per-layer buffers do; indices that name themselves stay put."""
+    from hf_blockdiff.engine import SlotCache
+
+    caches = [SlotCache(2, 12, front=3), SlotCache(2, 12, front=3, layers=3)]
+    torch.manual_seed(0)
+    writes = [torch.randn(2, 2, 4, 5, device=DEVICE) for _ in range(6)]
+    for cache in caches:
+        cache.write_index = torch.tensor([[0, 4, 5, 6], [1, 2, 7, 8]], device=DEVICE)
+        for layer in range(3):
+            cache.update(writes[2 * layer], writes[2 * layer + 1], layer)
+        cache.move(
+            torch.tensor([[0, 4, 9], [2, 2, 1]], device=DEVICE), torch.tensor([[5, 4, 10], [6, 2, 11]], device=DEVICE)
+        )
+    assert caches[0].buffer is None and caches[1].buffer is not None
+    assert caches[1].keys[2].data_ptr() == caches[1].buffer[4].data_ptr()
+    for a, b in zip((*caches[0].keys, *caches[0].values), (*caches[1].keys, *caches[1].values)):
+        assert torch.equal(a, b)
+    assert (
+        torch.equal(caches[1].keys[1][0, :, 5], writes[2][0, :, 0]) and caches[1].values[0][1, :, 11].abs().sum() > 0
+    )
 
 
 def decode_rows(engine, prompts, **settings):
@@ -393,11 +462,12 @@ def test_speculative_accept_outputs_the_target_distribution():
     assert 0.5 * (q - p).abs().sum() > 0.1  # the test can tell the draft from the target
 
 
-@pytest.mark.parametrize("candidates", [0, 1, 4])
-def test_sampled_verify_matches_ar_sampling_in_distribution(candidates):
+@pytest.mark.parametrize("candidates,tree", [(0, 0), (1, 0), (4, 0), (3, 6)])
+def test_sampled_verify_matches_ar_sampling_in_distribution(candidates, tree):
     """Sampled verify: drafts accepted by the speculative-sampling rule. Its tokens follow block-size-1 sampling
     (as close as two block-size-1 runs with different seeds), while the drafts alone are far off. Two forwards
-    per block (candidates 0) and one (the next block drafted by a candidate, also with a guessed first token)."""
+    per block (candidates 0) and one (the next block drafted by a candidate, also with a guessed first token); an
+    engine with a tree of drafts, which sampling rows leave to greedy ones (they check their chain)."""
     _, model, _ = converted_pair("llama", block_size=4)
     n = 1500
     prompt = torch.tensor([[3, 14, 15, 9, 2]], device=DEVICE).repeat(n, 1)
@@ -413,7 +483,8 @@ def test_sampled_verify_matches_ar_sampling_in_distribution(candidates):
         return 0.5 * (counts[0] - counts[1]).abs().sum().item()
 
     ar, ar_again = sample(1, block_size=1)[0], sample(2, block_size=1)[0]
-    verified, out = sample(3, block_size=4, verify=True, candidates=candidates)
+    verified, out = sample(3, block_size=4, verify=True, candidates=candidates, draft_tree=tree)
+    assert model._blockdiff_engine.engine.nodes == tree
     drafts = sample(4, block_size=4, threshold=0.0)[0]  # every position from one denoising step
     noise_level = tv(ar, ar_again)
     assert tv(ar, verified) < 1.5 * noise_level + 0.02
@@ -421,13 +492,16 @@ def test_sampled_verify_matches_ar_sampling_in_distribution(candidates):
     assert (out.num_generated_tokens == 4).all()
 
 
-def test_greedy_verify_rows_stay_exact_next_to_sampled_verify_rows():
+@pytest.mark.parametrize("candidates,tree", [(0, 0), (2, 5)])
+def test_greedy_verify_rows_stay_exact_next_to_sampled_verify_rows(candidates, tree):
+    """A greedy verifying row beside a sampling one gives block-size-1 tokens, with two forwards per block or one
+    with a tree of drafts (which only the greedy row walks)."""
     model = pair("qwen2", 4)
     prompts = prompts_of([6, 4], seed=5)
     sampling = sampling_for(2)
     sampling.do_sample[1] = True
     engine = DecodeEngine(model, 2, 40, 4, rule_for("threshold", 0.9, 2), sampling, eos_token_ids=RARE_STOPS,
-                          pad_token_id=PAD)  # fmt: skip
+                          pad_token_id=PAD, candidates=candidates, tree=tree)  # fmt: skip
     tokens = {0: [], 1: []}
     events = engine.add(
         prompts, [0, 1], MAX_NEW, verify=True, generators=[None, torch.Generator(DEVICE).manual_seed(0)]
@@ -502,12 +576,14 @@ def test_the_query_budget_buys_candidates_or_their_guessing_copies():
     from dataclasses import replace
 
     from hf_blockdiff.denoise import (
+        DEFAULT_TREE,
         GUESS_RATIO,
         QUERY_BUDGET,
         resolve_policy,
         verify_candidates,
         verify_guesses,
         verify_plan,
+        verify_tree,
     )
 
     model = pair("llama", 16)
@@ -518,6 +594,13 @@ def test_the_query_budget_buys_candidates_or_their_guessing_copies():
         return candidates, verify_guesses(asked, rows, "cuda", candidates)
 
     assert split(policy, 1) == (3, 9)
+    # one row: a tree of drafts beside the candidates, whose copies fill what it leaves (3 x 8 and 64 nodes)
+    assert verify_tree(policy, 1, "cuda", 3) == DEFAULT_TREE
+    with_tree = replace(policy, draft_tree=DEFAULT_TREE)
+    assert verify_candidates(with_tree, 1, "cuda") <= 3 and verify_guesses(with_tree, 1, "cuda", 3) == 8
+    assert 16 + DEFAULT_TREE + (1 + 8) * 3 * 16 <= QUERY_BUDGET
+    assert verify_tree(policy, 2, "cuda", 3) == verify_tree(policy, 1, "cpu", 3) == 0  # (not measured: the chain)
+    assert verify_tree(replace(policy, guesses=9), 1, "cuda", 3) == 0 and verify_tree(with_tree, 4, "cuda", 1) == 64
     for rows in (1, 2, 3, 4):
         units = QUERY_BUDGET // rows // 16 - 1
         candidates, guesses = split(policy, rows)

@@ -196,7 +196,7 @@ def check_generate_args(args):
     if args.adapter:
         resolve_adapter(args.adapter)
     decoding = decoding_settings(args)
-    for name in ("candidates", "guesses", "candidate_width"):
+    for name in ("candidates", "guesses", "candidate_width", "draft_tree"):
         flag = name.replace("_", "-")
         if getattr(args, name) is not None and not args.verify:
             raise CLIError(f"--{flag} sets how --verify drafts; without --verify it does nothing.",
@@ -493,6 +493,11 @@ def decoding_flags(parser, serving: bool):
     parser.add_argument("--candidate-width", type=setting("candidate_width"),
                         help="with --verify: positions of each candidate next block, so at most this many - 1 drafts "
                         "per block (default: the block size)" + (" (for every request)" if serving else ""))  # fmt: skip
+    parser.add_argument("--draft-tree", type=setting("draft_tree"),
+                        help="with --verify: nodes of a tree of drafts besides the chain (the likeliest paths of the "
+                        "drafter's choices), so a forward keeps the longest path the causal model agrees with "
+                        "(default: 0, the chain; costs query positions like candidates)"
+                        + (" (for every request)" if serving else ""))  # fmt: skip
     parser.add_argument("--use-cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each decoding step as a captured CUDA graph (default: on CUDA)")  # fmt: skip
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,

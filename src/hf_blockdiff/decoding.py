@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .masks import VerifyScratch
 from .policies import propose, speculative_accept
 
 # A row's phase: between requests; denoising its block (bidirectional forward); committing it (causal forward);
@@ -40,7 +41,7 @@ class StepInputs:
 
     ids: torch.Tensor  # (rows, queries): each row's block, then the scratch queries (candidate blocks)
     gate: torch.Tensor  # (rows, queries) bool: where a noisy-scope adapter acts (the positions being denoised)
-    visible: torch.Tensor | None  # (rows, groups * candidates) bool: the candidate blocks a row carries
+    scratch: VerifyScratch | None  # what one-forward-verifying rows carry in the scratch slots
 
 
 @dataclass
@@ -113,13 +114,14 @@ class Denoising(DecodingMethod):
         e._record_rows(mine, complete, finished, e.block_len, e.block, e.committed_at, e.block_len)
 
 
-def accept(engine, tokens, dist, verifying):
+def accept(engine, tokens, dist, verifying, block=None, agree=None):
     """The ``verifying`` rows' decision on their drafted block, from the causal ``tokens`` (and ``dist``) of this
     forward: ``(keep, ends, next_first)``. ``keep``: block tokens kept (the first token plus the longest accepted
     draft prefix, cut after a kept EOS); ``ends``: a kept EOS; ``next_first``: the causal token after the kept part
-    (sampling rows: the residual draw at a rejection, so tokens follow block-size-1 sampling)."""
+    (sampling rows: the residual draw at a rejection, so tokens follow block-size-1 sampling). A greedy row that
+    walked a tree gives its kept path as ``block``, the causal tokens along it and where it ``agree``\ s."""
     e = engine
-    agree = e.block[:, 1:] == tokens[:, :-1]
+    agree = e.block[:, 1:] == tokens[:, :-1] if agree is None else agree
     speculative = e._sampling and e.block_size > 1
     if speculative:
         accepted, residual = speculative_accept(dist[:, :-1], e.draft_dist[:, 1:], e.block[:, 1:], e.uniform[:, 1:],
@@ -127,7 +129,7 @@ def accept(engine, tokens, dist, verifying):
         agree = torch.where(e.sampling.do_sample.unsqueeze(1), accepted, agree)
     agree &= e._index[1:] < e.block_len.unsqueeze(1)
     keep = torch.where(verifying, agree.long().cumprod(dim=1).sum(dim=1) + 1, e.block_len)
-    kept_eos = verifying.unsqueeze(1) & e._eos_at(e._index < keep.unsqueeze(1))
+    kept_eos = verifying.unsqueeze(1) & e._eos_at(e._index < keep.unsqueeze(1), block)
     ends = kept_eos.any(dim=1)
     keep = torch.where(ends, torch.where(kept_eos, e._index + 1, e.block_size).min(dim=1).values, keep)
     at = (keep - 1).clamp(min=0).unsqueeze(1)
@@ -138,13 +140,15 @@ def accept(engine, tokens, dist, verifying):
     return keep, ends, next_first
 
 
-def keep_verified(engine, verifying, out: StepOutput):
+def keep_verified(engine, verifying, out: StepOutput, path=None):
     """:func:`accept` the ``verifying`` rows' drafts and move them past what they keep. Returns ``(keep, ends,
     next_first, report)``; ``report`` is what the host sees of the verified block: its tokens, the kept length,
-    the forward that committed each token, and the drafted length (the tokens past the kept ones were rejected)."""
+    the forward that committed each token, and the drafted length (the tokens past the kept ones were rejected).
+    ``path``: a walked tree's ``(block, tokens, agree)`` (:meth:`VerifyAhead.walk`)."""
     e = engine
-    keep, ends, first = accept(e, out.tokens, out.dist, verifying)
-    report = (e.block.clone(), keep, torch.where(e._index > 0, e.forwards.unsqueeze(1), e.committed_at),
+    block, tokens, agree = path or (e.block, out.tokens, None)
+    keep, ends, first = accept(e, tokens, out.dist, verifying, block, agree)
+    report = (block.clone(), keep, torch.where(e._index > 0, e.forwards.unsqueeze(1), e.committed_at),
               e.block_len.clone())  # fmt: skip
     e.length += torch.where(verifying, keep, 0)
     e.generated += torch.where(verifying, keep, 0)
@@ -181,10 +185,10 @@ class DraftVerify(DecodingMethod):
 
 
 class VerifyAhead(DecodingMethod):
-    """One forward per block (docs/design.md 2.6): the row's drafted block, causally, then its candidate next
-    blocks in scratch slots. Candidate ``c`` is ``[block token c, MASK ...]`` (in guessing group ``g``, the first
-    mask replaced by the draft's ``g + 1``-th choice there); after the acceptance the candidate anchored at the last kept
-    token gives the next block's drafts."""
+    """One forward per block (docs/design.md 2.6): the row's drafted block, causally, with the rest of its tree of
+    drafts (:mod:`draft_tree`) in scratch slots, then its candidate next blocks. Candidate ``c`` is ``[its anchor's
+    token, MASK ...]`` (in guessing group ``g``, the first mask replaced by the draft's next choice there); after the
+    acceptance the candidate anchored nearest above the last kept token gives the next block's drafts."""
 
     drafts = True
 
@@ -196,44 +200,99 @@ class VerifyAhead(DecodingMethod):
         e.phase.copy_(torch.where(mine & ~finished, AHEAD, e.phase))
         return finished, finished
 
+    @staticmethod
+    def tree_tokens(e) -> torch.Tensor:
+        """``(rows, tree slots)``: every tree node's token, its position's choice of its rank."""
+        choices = torch.cat([e.block.unsqueeze(-1), e.alternatives[:, : e.block_size]], dim=-1)
+        return choices[:, e._tree["depth"], e._tree["rank"]]
+
+    @staticmethod
+    def guess_tokens(e) -> torch.Tensor:
+        """``(rows, candidates, guesses)``: each candidate's guesses of the causal token after its anchor."""
+        t = e._tree
+        return e.alternatives[:, (t["depth"][t["anchors"]] + 1).unsqueeze(1), t["guess_rank"] - 1]
+
+    @staticmethod
+    def walks(e, ahead) -> torch.Tensor:
+        """Rows that walk their tree: greedy ones (a sampling row checks its chain by speculative sampling)."""
+        return ahead & ~e.sampling.do_sample
+
     def feed(self, engine, mine, inputs):
-        e = engine
+        e, t, b = engine, engine._tree, engine.block_size
         ahead = mine & (e.phase == AHEAD)
+        walks = self.walks(e, ahead)
+        tokens = self.tree_tokens(e)
+        inputs.ids[:, b : b + e.nodes] = tokens[:, b:]
         ids = e.block.new_full((e.rows, e.groups, e.candidates, e.width), e.mask_token_id)
-        ids[:, :, :, 0] = e.block[:, None, : e.candidates]
+        ids[:, :, :, 0] = tokens[:, t["anchors"]].unsqueeze(1)
         if e.guesses:
-            ids[:, 1:, :, 1] = e.alternatives[:, 1 : e.candidates + 1].transpose(1, 2)
-        inputs.ids[:, e.block_size :] = ids.flatten(1)
-        visible = ahead.unsqueeze(1) & (e._index[: e.candidates] < e.row_candidates.unsqueeze(1))
-        inputs.visible |= visible.repeat(1, e.groups)
-        inputs.gate |= ~e._is_block & ahead.unsqueeze(1)
+            ids[:, 1:, :, 1] = self.guess_tokens(e).transpose(1, 2)
+        inputs.ids[:, b + e.nodes :] = ids.flatten(1)
+        copies = ahead.unsqueeze(1) & (e._index[: e.candidates] < e.row_candidates.unsqueeze(1))
+        copies &= (t["anchors"] < b) | walks.unsqueeze(1)  # an anchor off the chain exists in walks only
+        scratch = inputs.scratch
+        scratch.ahead |= ahead
+        scratch.nodes |= walks.unsqueeze(1)
+        scratch.copies |= copies.repeat(1, e.groups)
+        inputs.gate |= e._is_copy & ahead.unsqueeze(1)
+
+    def walk(self, e, ahead, out):
+        """The path each row keeps of its tree: from the first token down, the child whose token is its parent's
+        causal token. Returns ``(path, (block, tokens, agree))``: the tree slot at each depth (past the path's end,
+        the chain's, whose drafts count as rejected), its tokens, the causal tokens there, and ``agree`` for
+        :func:`accept`."""
+        t, b = e._tree, e.block_size
+        tokens = self.tree_tokens(e)
+        causal = out.tokens
+        if e.nodes:
+            produced = e.generated.unsqueeze(1) + t["depth"][b:] + 1  # the token index each node's logit predicts
+            node_causal, _ = propose(e.model.logits_from_hidden(out.hidden[:, b : b + e.nodes]), e.sampling,
+                                     e.measure, e.mask_token_id, e.eos, produced < e.min_new.unsqueeze(1))  # fmt: skip
+            causal = torch.cat([causal, node_causal], dim=1)
+        valid = (t["depth"] < e.block_len.unsqueeze(1)) & (t["on_chain"] | self.walks(e, ahead).unsqueeze(1))
+        match = valid & (tokens == causal[:, t["parent"]])
+        match[:, 0] = True
+        kept = match[:, t["path_of"]].all(dim=-1)  # (exactly one path: siblings hold distinct choices)
+        end = torch.where(kept, t["depth"] + 1, 0).argmax(dim=1)
+        depth = t["depth"][end].unsqueeze(1)
+        path = torch.where(e._index > depth, e._index, t["path_of"][end])
+        return path, (tokens.gather(1, path), causal.gather(1, path), e._index[1:] <= depth)
 
     def update(self, engine, mine, out):
         e = engine
         ahead = mine & (e.phase == AHEAD)
-        keep, ends, first, report = keep_verified(e, ahead, out)
-        self._draft_next(e, mine, ahead, out.hidden, keep, ends, first, report)
+        path, kept = self.walk(e, ahead, out)
+        if e.nodes:  # the kept nodes off the chain: their keys and values go to their positions' slots
+            target = e.scratch + e.length.unsqueeze(1) + e._index
+            e.cache.move(torch.where(path >= e.block_size, path - e.block_size, target), target)
+        keep, ends, first, report = keep_verified(e, ahead, out, kept)
+        self._draft_next(e, mine, ahead, out.hidden, keep, ends, first, report, path)
 
-    def _draft_next(self, e, mine, ahead, hidden, keep, ends, first, report):
+    def _draft_next(self, e, mine, ahead, hidden, keep, ends, first, report, path):
         """Each row's next block is ``[first, drafts]``, the drafts read from the candidate anchored at the last
-        kept token. A row whose accepted prefix had no candidate of its own reads the longest shorter one further
-        along (any draft is lossless; only its acceptance differs). A row also ends here when ``first`` is its last
+        kept token. A row whose kept path ends where no candidate is anchored reads the nearest one above it,
+        further along (any draft is lossless; only its acceptance differs). A row also ends here when ``first`` is its last
         token (an EOS, or the last of its budget): it is output now, without a forward."""
         b, w = e.block_size, e.width
         left = e.max_new - e.generated  # after this step's kept tokens
         stop = torch.isin(first, e.eos) & (e.generated >= e.min_new)  # (propose forbids it before)
         last = ahead & ~ends & (left > 0) & (stop | (left == 1))  # ``first`` is the row's last token
         done = ahead & (ends | (left <= 0) | last)
-        cand = torch.minimum(keep, e.row_candidates).clamp(min=1) - 1  # candidate c is anchored at block token c
-        offset = keep - 1 - cand
+        t = e._tree
+        end = path.gather(1, (keep - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # the last kept token's tree slot
+        cand = t["nearest"][end, e.row_candidates].clamp(min=0)
+        offset = t["depth"][end] - t["depth"][t["anchors"][cand]]
         count = torch.minimum(torch.minimum(e.row_block_size - 1, w - 1 - offset), left - 1).clamp(min=0)
         count = torch.where(e.row_candidates > 0, count, 0)
-        if e.guesses:  # the guessing copy that guessed the causal token after a rejected draft, if one did
-            at_keep = e.alternatives.gather(1, keep.view(-1, 1, 1).expand(-1, 1, e.guesses)).squeeze(1)
-            hit = (at_keep == first.unsqueeze(1)) & ((offset == 0) & (keep < e.block_len)).unsqueeze(1)
+        if e.guesses:  # the guessing copy whose guess is the token after its anchor (the causal one, or the path's)
+            guessed = self.guess_tokens(e).gather(1, cand.view(-1, 1, 1).expand(-1, 1, e.guesses)).squeeze(1)
+            after_at = t["depth"][t["anchors"][cand]] + 1
+            after = torch.where(offset > 0, report[0].gather(1, after_at.clamp(max=b - 1).unsqueeze(1)).squeeze(1),
+                                first)  # fmt: skip
+            hit = (guessed == after.unsqueeze(1)) & (after_at < e.block_len).unsqueeze(1)
             group = torch.where(hit.any(dim=1), hit.int().argmax(dim=1) + 1, 0)  # (the choices are distinct)
             cand = cand + group * e.candidates
-        where = (b + cand * w + offset + 1).unsqueeze(1) + e._index[:-1]  # candidate position j predicts j + 1
+        where = (b + e.nodes + cand * w + offset + 1).unsqueeze(1) + e._index[:-1]  # position j predicts j + 1
         picked = hidden.gather(1, where.clamp(max=e.queries - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         produced = (e.generated + 1).unsqueeze(1) + e._index[:-1]  # token index of the new block's drafts
         noise = e.noise[:, b:] if e._sampling else None
@@ -245,8 +304,8 @@ class VerifyAhead(DecodingMethod):
         e.block.copy_(torch.where(go_on.unsqueeze(1), block, e.block))
         if e._sampling:
             e.draft_dist[:, 1:] = torch.where((go_on.unsqueeze(1) & use).unsqueeze(-1), dist, e.draft_dist[:, 1:])
-        if e.guesses:
-            choices = dist.topk(1 + e.guesses, dim=-1).indices[..., 1:]
+        if e.guesses or e.nodes:
+            choices = dist.topk(1 + e.alternatives.shape[-1], dim=-1).indices[..., 1:]
             e.alternatives[:, 1:-1] = torch.where(go_on.view(-1, 1, 1), choices, e.alternatives[:, 1:-1])
             e.alternatives[:, -1] = e.mask_token_id  # (after the block: no guess)
         at = torch.where(e._index == 0, e.forwards.unsqueeze(1), -1)

@@ -343,6 +343,12 @@ VERIFY_PLANS = ((5, None, None), (64, 4, 1))
 # static, 15 x 1 2.29 and 2.14x.
 # A plan with a fixed candidate count keeps the one copy it was measured with.
 GUESS_RATIO = 3
+# Nodes of the tree of drafts (draft_tree.py) besides the chain where the budget sets the plan at batch 1 on CUDA:
+# the candidates are what fits the budget without them, the copies fill what the tree leaves. H200, bf16,
+# smollm2-bd16, 40 chat prompts alone, 128 tokens, one run (engine_tree_b1_move.md): 3 x 9 with the chain 2.45 tokens
+# per forward at 3.31 ms, 710 tok/s (2.38x HF static); 3 x 8 with 64 nodes 2.62 at 3.37 ms, 742 tok/s (2.49x);
+# 3 x 9 with 32 nodes 2.53 at 3.80 ms, 644 tok/s. Other batches are not measured: the chain there.
+DEFAULT_TREE = 64
 
 
 def verify_plans(device):
@@ -404,11 +410,20 @@ def verify_guesses(policy: DenoisePolicy, rows: int, device, candidates: int) ->
     return max(1, _budget_units(policy, rows) // candidates - 1)
 
 
+def verify_tree(policy: DenoisePolicy, rows: int, device, candidates: int) -> int:
+    """Tree nodes besides the chain (:data:`DEFAULT_TREE`) of one-forward verify with ``candidates``: as asked;
+    else where measured faster (one row on CUDA, the plan set by the budget); else none."""
+    if policy.draft_tree is not None or not candidates:
+        return policy.draft_tree or 0
+    automatic = policy.candidates is None and policy.guesses is None
+    return DEFAULT_TREE if automatic and rows == 1 and torch.device(device).type == "cuda" else 0
+
+
 def _budget_units(policy: DenoisePolicy, rows: int) -> int:
     """Candidate blocks (candidates and their copies, each ``candidate_width`` positions) that fit beside each row's
-    block in QUERY_BUDGET."""
+    block and tree of drafts in QUERY_BUDGET."""
     width = min(policy.candidate_width or policy.block_size, policy.block_size)
-    return max(0, (QUERY_BUDGET // max(rows, 1) - policy.block_size) // width)
+    return max(0, (QUERY_BUDGET // max(rows, 1) - policy.block_size - (policy.draft_tree or 0)) // width)
 
 
 # An engine's slots are sized in steps of this many positions, so that calls with nearby lengths share one.
@@ -436,11 +451,12 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
     """
     rule, sampling = policy.commit_rule(rows, device), policy.sampling(rows, device)
     candidates = verify_candidates(policy, rows, device)
-    guesses = verify_guesses(policy, rows, device, candidates)
+    tree = verify_tree(policy, rows, device, candidates)
+    guesses = verify_guesses(replace(policy, draft_tree=tree), rows, device, candidates)
     length = -(-max_length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
     weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())  # moved or recast: rebuild
     key = (rows, length, policy.block_size, policy.confidence, tuple(policy.eos_token_ids), policy.pad_token_id,
-           policy.use_cuda_graph, policy.compile_step, candidates, guesses, policy.candidate_width,
+           policy.use_cuda_graph, policy.compile_step, candidates, guesses, policy.candidate_width, tree,
            structure_of((rule, sampling)),
            hash(weights),
            DecodeEngine.grouped_sdpa)  # fmt: skip
@@ -456,7 +472,7 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
                           sampling=sampling, confidence=policy.confidence, eos_token_ids=policy.eos_token_ids,
                           pad_token_id=policy.pad_token_id, use_cuda_graph=policy.use_cuda_graph,
                           compile_step=policy.compile_step, candidates=candidates, guesses=guesses,
-                          candidate_width=policy.candidate_width)  # fmt: skip
+                          candidate_width=policy.candidate_width, tree=tree)  # fmt: skip
     engine.key = key
     holder.engine = engine
     return engine

@@ -35,7 +35,8 @@ from transformers.utils import logging
 from .attention import CAUSAL, grouped_attention
 from .compat import cache_argument
 from .decoding import COMMIT, DENOISE, IDLE, Denoising, DraftVerify, StepInputs, StepOutput, VerifyAhead
-from .masks import decode_meta, layer_windows
+from .draft_tree import DraftTree
+from .masks import VerifyScratch, decode_meta, layer_windows
 from .noisy_adapter import has_adapter, set_gate
 from .policies import CommitRule, Sampling, propose
 from .settings import check_block_settings
@@ -73,14 +74,17 @@ class SlotCache(Cache):
     Before each forward the engine sets ``write_index`` (``(n, q)``: the cache index of every input token),
     ``rows`` (None for all slots, or the ``(n,)`` slots a smaller forward covers) and ``window`` (attention reads
     indices ``start .. window``; None: all). Buffers are allocated on the first write, from the shapes the attention
-    layers hand over. The first ``front`` indices are scratch slots; position ``p`` lives at ``front + p``.
+    layers hand over. The first ``front`` indices are scratch slots; position ``p`` lives at ``front + p``. Given
+    the model's number of ``layers``, every layer's keys and values are views of one buffer when their shapes
+    agree, so that :meth:`move` is one gather and one scatter, not two per layer and tensor.
     """
 
-    def __init__(self, rows: int, length: int, front: int = 0):
+    def __init__(self, rows: int, length: int, front: int = 0, layers: int | None = None):
         super().__init__(layers=[])
-        self.num_rows, self.length, self.front = rows, length, front
+        self.num_rows, self.length, self.front, self.num_layers = rows, length, front, layers
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.buffer: torch.Tensor | None = None  # (2 x layers, rows, heads, length, dim): keys, values of each layer
         self.write_index: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
         self.window: int | None = None
@@ -96,8 +100,15 @@ class SlotCache(Cache):
         if layer_idx == len(self.keys):
             heads, dim = key_states.shape[1], key_states.shape[3]
             shape = (self.num_rows, heads, self.length, dim)
-            self.keys.append(key_states.new_zeros(shape))
-            self.values.append(value_states.new_zeros(shape))
+            if layer_idx == 0 and self.num_layers:
+                self.buffer = key_states.new_zeros((2 * self.num_layers, *shape))
+            if self.buffer is not None and self.buffer.shape[1:] == shape and value_states.shape == key_states.shape:
+                self.keys.append(self.buffer[2 * layer_idx])
+                self.values.append(self.buffer[2 * layer_idx + 1])
+            else:  # layers of other shapes (or more than said) get buffers of their own
+                self.buffer = None
+                self.keys.append(key_states.new_zeros(shape))
+                self.values.append(value_states.new_zeros((*shape[:3], value_states.shape[3])))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         window = slice(self.start, self.window)
         if self.rows is None:
@@ -109,6 +120,16 @@ class SlotCache(Cache):
         keys[rows, :, index] = key_states.transpose(1, 2)
         values[rows, :, index] = value_states.transpose(1, 2)
         return keys[self.rows, :, window], values[self.rows, :, window]
+
+    def move(self, source: torch.Tensor, target: torch.Tensor):
+        """Copy every layer's keys and values at cache indices ``source`` to ``target`` (both ``(rows, n)``; where
+        they are equal nothing changes): a verified tree node's, from its scratch slot to its position's."""
+        one = self.buffer is not None and len(self.keys) == self.num_layers
+        for buffer in (self.buffer,) if one else (*self.keys, *self.values):
+            shape = (*buffer.shape[:-2], source.shape[1], buffer.shape[-1])
+            view = [1] * (buffer.dim() - 4)
+            source_, target_ = (i.view(*view, i.shape[0], 1, i.shape[1], 1).expand(shape) for i in (source, target))
+            buffer.scatter_(-2, target_, buffer.gather(-2, source_))
 
     def positions(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a layer at the slots' positions (index ``p`` = position ``p``), as views."""
@@ -155,6 +176,9 @@ class DecodeEngine:
             may reject), one of which is used when it guessed right.
         candidate_width: positions of a candidate (its anchor token, then masks), so a drafted block holds at most
             ``candidate_width - 1`` drafts; None (or more than ``block_size``): the block size.
+        tree: one-forward verify checks a tree of drafts (:mod:`draft_tree`): this many nodes besides the chain (the
+            likeliest), or their rank paths; greedy rows walk it, sampling rows check the chain only. 0: the chain.
+        anchors: rank paths of the tree nodes the candidates are anchored at (None: the chain's first ones).
     """
 
     # Whether an sdpa model's forwards run on grouped query heads (attention.py): transformers' sdpa path copies the
@@ -175,7 +199,7 @@ class DecodeEngine:
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
                  use_cuda_graph: bool | None = None, compile_step: bool | None = None, candidates: int = 0,
-                 guesses: int = 1, candidate_width: int | None = None):  # fmt: skip
+                 guesses: int = 1, candidate_width: int | None = None, tree=0, anchors=None):  # fmt: skip
         self.model, self.rows, self.block_size = model, rows, block_size
         self.rule, self.sampling, self.measure = rule, sampling, confidence
         self.mask_token_id = getattr(model.config, "mask_token_id", None)
@@ -202,9 +226,13 @@ class DecodeEngine:
             raise ValueError(f"candidate_width must be >= 2 (an anchor and a mask to draft), got {candidate_width}.")
         self.guesses = guesses if self.candidates else 0
         self.groups = 1 + self.guesses  # candidates without a guess of the causal token they follow, then with each
-        self.queries = block_size + self.groups * self.candidates * self.width
-        self.scratch = self.groups * self.candidates * self.width  # scratch slots, in front of the positions
-        self.cache = SlotCache(rows, self.scratch + self.slots_per_row, front=self.scratch)
+        # the tree of drafts a one-forward-verifying row checks: the chain at its slots, other nodes in scratch slots
+        self.tree = DraftTree(block_size, tree, self.candidates, self.guesses, anchors) if self.candidates else None
+        self.nodes = self.tree.nodes if self.tree else 0
+        self.scratch = self.nodes + self.groups * self.candidates * self.width  # scratch slots, before the positions
+        self.queries = block_size + self.scratch
+        layers = getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", None)
+        self.cache = SlotCache(rows, self.scratch + self.slots_per_row, front=self.scratch, layers=layers)
         self.cache_arg = cache_argument(type(model.model).forward)
         long = dict(dtype=torch.long, device=device)
         # Per-row state: all updated in place, so a captured graph that reads it stays valid.
@@ -229,7 +257,7 @@ class DecodeEngine:
         self.row_candidates = torch.zeros(rows, **long)  # candidates a one-forward-verify row uses (<= candidates)
         self.proposal = torch.zeros(rows, block_size, **long)
         # the draft's next choices at each position (the guesses of its copies), a mask where there is none
-        self.alternatives = torch.zeros(rows, block_size + 1, max(self.guesses, 1), **long)
+        self.alternatives = torch.zeros(rows, block_size + 1, self.tree.choices if self.tree else 1, **long)
         self.events = torch.zeros(rows, StepEvents.size(block_size), **long)
         self._table = None  # the last step's events on the host (see committed())
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -249,12 +277,16 @@ class DecodeEngine:
             config.recompile_limit = max(getattr(config, "recompile_limit", 8), 64)
         self._body = torch.compile(self._step_body, dynamic=False) if self._compiled else self._step_body
         self._index = torch.arange(block_size, device=device)
-        q = torch.arange(self.queries - block_size, device=device)
-        # Per query position: its offset from the row's length (candidate c: c + j) and its cache slot.
-        anchor = (q // self.width) % max(self.candidates, 1)
-        self._offsets = torch.cat([self._index, anchor + q % self.width])
-        self._scratch = torch.cat([torch.zeros_like(self._index), q])
+        # Per query position: its offset from the row's length and its cache slot. The block, then the tree's other
+        # nodes (at their depth), then the candidates (candidate c: its anchor's depth + j).
+        self._tree = self.tree.tensors(device) if self.tree else None
+        q = torch.arange(self.queries - block_size - self.nodes, device=device)
+        depths = [self._tree["depth"][block_size:], self._tree["depth"][self._tree["anchors"]][
+            (q // self.width) % self.candidates] + q % self.width] if self.tree else []  # fmt: skip
+        self._offsets = torch.cat([self._index, *depths])
+        self._scratch = torch.cat([torch.zeros_like(self._index), torch.arange(self.scratch, device=device)])
         self._is_block = torch.arange(self.queries, device=device) < block_size
+        self._is_copy = torch.arange(self.queries, device=device) >= block_size + self.nodes
         self.gate = torch.zeros(rows, self.queries, dtype=model.dtype, device=device) if has_adapter(model) else None
         self.key = None  # set by whoever caches the engine for reuse (generate())
 
@@ -276,11 +308,11 @@ class DecodeEngine:
         types = layer_windows(self.model.config, self.model._mask_per_layer_type)
         return placeholder if None in types else dict.fromkeys(types, placeholder)
 
-    def _forward(self, ids, length, block_len, causal, rows=None, gate=None, candidates=None, plain_causal=False):
+    def _forward(self, ids, length, block_len, causal, rows=None, gate=None, scratch=None, plain_causal=False):
         """Hidden states of ``ids`` (``(n, q)``) placed at ``length ..`` of their rows, masked by the block rule.
         ``gate`` (``(n, q)``): where a noisy-scope adapter acts (the positions being denoised); off when None.
-        ``candidates`` (``(n, C)`` bool, a step of an engine with candidates): which candidate blocks each row
-        carries after its block (see :func:`masks.decode_meta`); ``ids`` then has the step's full query width.
+        ``scratch`` (a step of an engine with candidates): what each row carries in the scratch slots after its
+        block (see :func:`masks.decode_meta`); ``ids`` then has the step's full query width.
         ``plain_causal``: a prefill from position 0 that :meth:`_prefill_is_plain_causal` allows (no mask built)."""
         q = ids.shape[1]
         if plain_causal:  # the keys are this forward's own tokens, from the first position
@@ -294,11 +326,11 @@ class DecodeEngine:
                                         **{self.cache_arg: self.cache, CAUSAL: True}).last_hidden_state  # fmt: skip
             finally:
                 self.cache.start, self.cache.window = 0, window
-        if candidates is None:
+        if scratch is None:
             positions = length.unsqueeze(1) + torch.arange(q, device=ids.device)
             slots = positions + self.scratch
             if self.candidates:  # the scratch slots exist; nothing of this forward uses them
-                candidates = ids.new_zeros(ids.shape[0], self.groups * self.candidates, dtype=torch.bool)
+                scratch = self._no_scratch(ids.shape[0])
             offset = length + self.scratch
         else:
             positions = length.unsqueeze(1) + self._offsets
@@ -308,7 +340,7 @@ class DecodeEngine:
         # Only an idle row's queries may lie past the window (a busy row's block is inside it): they look at the
         # window's last keys instead, which keeps the mask in bounds and their rows non-empty; nobody reads them.
         offset = offset.clamp(max=self.scratch + window - (q if offset.dim() == 1 else 1))
-        meta = decode_meta(length, block_len, causal, window, candidates, self.width, self.groups)
+        meta = decode_meta(length, block_len, causal, window, scratch)
         masks = self.model.block_diffusion_masks(meta, offset, q)
         set_gate(self.model, gate)
         try:
@@ -323,17 +355,23 @@ class DecodeEngine:
             set_gate(self.model, None)
         return hidden
 
+    def _no_scratch(self, n: int) -> VerifyScratch:
+        """Scratch slots that no row of an ``n``-row forward uses (verifying rows' methods fill them in)."""
+        off = lambda width: torch.zeros(n, width, dtype=torch.bool, device=self.device)  # noqa: E731
+        return VerifyScratch(self._tree, off(1)[:, 0], off(self.nodes), off(self.groups * self.candidates),
+                             self.width, self.groups, self.block_size)  # fmt: skip
+
     def _step_body(self):
         """One forward plus everything it decides, as device operations only (no host reads, no data-dependent
         shapes), so that a single CUDA graph can hold it. Each decoding method feeds and updates its own rows;
         results for the host land in ``self.events``."""
         mine = [self.method == i for i in range(len(self.methods))]
-        ids, visible = self.block, None
-        if self.candidates:  # the scratch queries: candidate blocks of one-forward-verifying rows, masks elsewhere
-            scratch = self.block.new_full((self.rows, self.queries - self.block_size), self.mask_token_id)
-            ids = torch.cat([self.block, scratch], dim=1)
-            visible = torch.zeros(self.rows, self.groups * self.candidates, dtype=torch.bool, device=self.device)
-        inputs = StepInputs(ids, torch.zeros(self.rows, self.queries, dtype=torch.bool, device=self.device), visible)
+        ids, scratch = self.block, None
+        if self.candidates:  # the scratch queries: tree nodes and candidate blocks of one-forward-verifying rows
+            masks = self.block.new_full((self.rows, self.scratch), self.mask_token_id)
+            ids = torch.cat([self.block, masks], dim=1)
+            scratch = self._no_scratch(self.rows)
+        inputs = StepInputs(ids, torch.zeros(self.rows, self.queries, dtype=torch.bool, device=self.device), scratch)
         for method, rows in zip(self.methods, mine):
             method.feed(self, rows, inputs)
         gate = None
@@ -341,7 +379,7 @@ class DecodeEngine:
             self.gate.copy_(inputs.gate)
             gate = self.gate
         causal = self.phase != DENOISE
-        hidden = self._forward(inputs.ids, self.length, self.block_len, causal, gate=gate, candidates=inputs.visible)
+        hidden = self._forward(inputs.ids, self.length, self.block_len, causal, gate=gate, scratch=inputs.scratch)
         logits = self.model.logits_from_hidden(hidden[:, : self.block_size])
         self.forwards += self.phase != IDLE
         produced = self.generated.unsqueeze(1) + self._index + 1  # the token index each logit predicts
@@ -446,6 +484,7 @@ class DecodeEngine:
     def free_slots(self) -> list[int]:
         return [i for i, slot in enumerate(self.slots) if not slot.busy]
 
+    @torch.no_grad()  # (the cache is written in place; nothing here is ever differentiated)
     def add(self, prompts: list[list[int]], slots: list[int], max_new_tokens, min_new_tokens=None, block_sizes=None,
             requests=None, generators=None, verify=False, candidates=None):  # fmt: skip
         """Prefill ``prompts`` into free ``slots`` (one causal forward) and start their first blocks.
@@ -576,10 +615,12 @@ class DecodeEngine:
         self.phase.masked_fill_(rows, DENOISE)
         self._close_after_eos(rows)
 
-    def _eos_at(self, where: torch.Tensor) -> torch.Tensor:
-        """Filled block positions in ``where`` that hold an EOS the row may stop at (``min_new_tokens``)."""
+    def _eos_at(self, where: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
+        """Filled block positions in ``where`` that hold an EOS the row may stop at (``min_new_tokens``); ``block``:
+        tokens in place of the block's (a verified tree's kept path)."""
         produced = self.generated.unsqueeze(1) + self._index  # the token index of every block position
-        return where & self.filled & torch.isin(self.block, self.eos) & (produced >= self.min_new.unsqueeze(1))
+        block = self.block if block is None else block
+        return where & self.filled & torch.isin(block, self.eos) & (produced >= self.min_new.unsqueeze(1))
 
     def _close_after_eos(self, rows: torch.Tensor):
         """Positions after a committed EOS in the denoising ``rows`` are padding: they leave the block (and are no
@@ -599,6 +640,7 @@ class DecodeEngine:
         self.filled |= beyond
 
     # -- one step ------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def step(self):
         """One forward for every busy slot. Returns the slots whose block completed in it, with their tokens:
         ``[(slot, tokens, committed_at, finished)]`` (``finished``: EOS or max_new_tokens; the caller may also

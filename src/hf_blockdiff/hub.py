@@ -21,6 +21,7 @@ PORTABLE_FILES = (
     "denoise.py",
     "engine.py",
     "decoding.py",
+    "draft_tree.py",
     "policies.py",
     "settings.py",
     "noisy_adapter.py",

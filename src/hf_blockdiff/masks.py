@@ -80,17 +80,24 @@ def layer_windows(config, per_layer_type: bool) -> dict[str | None, int | None]:
     return windows
 
 
-TOKEN_FIELDS = ("stream", "block", "position", "valid")
+TOKEN_FIELDS = ("stream", "block", "position", "valid", "pre", "last")
 
 
 @dataclass
 class TokenMeta:
-    """Per-token metadata of the key sequence, each ``(batch, kv_len)``. See the module docstring."""
+    """Per-token metadata of the key sequence, each ``(batch, kv_len)``. See the module docstring.
+
+    ``pre`` / ``last`` (decode steps of one-forward verify, else None): a verified tree of drafts
+    (:mod:`draft_tree`). A tree token has its depth-first interval ``[pre, last]`` (-1 elsewhere) and is seen by the
+    tree tokens below it; a candidate block anchored at a tree token has that token's ``pre`` and sees the tree
+    tokens above its anchor (the anchor is its own first token)."""
 
     stream: torch.Tensor
     block: torch.Tensor
     position: torch.Tensor
     valid: torch.Tensor
+    pre: torch.Tensor | None = None
+    last: torch.Tensor | None = None
 
     def padded_to(self, length: int) -> TokenMeta:
         """Pad with invalid clean tokens, so that kernels reading past the end stay in bounds."""
@@ -101,11 +108,14 @@ class TokenMeta:
         def pad(t, value):
             return torch.nn.functional.pad(t, (0, extra), value=value)
 
-        return TokenMeta(pad(self.stream, CLEAN), pad(self.block, 0), pad(self.position, 0), pad(self.valid, False))
+        tree = (pad(self.pre, -1), pad(self.last, -1)) if self.pre is not None else (None, None)
+        return TokenMeta(pad(self.stream, CLEAN), pad(self.block, 0), pad(self.position, 0), pad(self.valid, False),
+                         *tree)  # fmt: skip
 
     def followed_by(self, other: TokenMeta) -> TokenMeta:
-        """The key sequence of these tokens, then ``other``'s."""
-        return TokenMeta(*(torch.cat([getattr(self, f), getattr(other, f)], dim=1) for f in TOKEN_FIELDS))
+        """The key sequence of these tokens, then ``other``'s (both with a tree's intervals, or neither)."""
+        fields = TOKEN_FIELDS if self.pre is not None else TOKEN_FIELDS[:4]
+        return TokenMeta(*(torch.cat([getattr(self, f), getattr(other, f)], dim=1) for f in fields))
 
 
 def context_causal_rule(meta: TokenMeta, q_offset, window: int | None):
@@ -128,6 +138,14 @@ def context_causal_rule(meta: TokenMeta, q_offset, window: int | None):
         k_clean = k_stream == CLEAN
         from_clean_query = k_clean & (kv <= qa)
         from_noisy_query = torch.where(k_clean, k_block < q_block, (k_stream == q_stream) & (k_block == q_block))
+        if meta.pre is not None:  # one-forward verify's tree: tree keys by ancestry, context keys by their block
+            q_pre, k_pre, k_last = meta.pre[b, qa], meta.pre[b, kv], meta.last[b, kv]
+            above = (k_pre <= q_pre) & (q_pre <= k_last) & ((q_stream == CLEAN) | (k_pre < q_pre))
+            from_tree = k_clean & torch.where(k_pre >= 0, above, k_block < 0)
+            own_copy = ~k_clean & (k_stream == q_stream) & (k_block == q_block)
+            tree_query = torch.where(q_stream == CLEAN, from_tree, from_tree | own_copy)
+            from_clean_query = torch.where(q_pre >= 0, tree_query, from_clean_query)
+            from_noisy_query = torch.where(q_pre >= 0, tree_query, from_noisy_query)
         allowed = torch.where(q_stream == CLEAN, from_clean_query, from_noisy_query) & valid[b, kv]
         if window is not None:
             allowed = allowed & (position[b, qa] - position[b, kv] < window)
@@ -259,21 +277,36 @@ def denoise_meta(
     )
 
 
+@dataclass
+class VerifyScratch:
+    """What the one-forward-verifying rows of a decode step put in its scratch slots (docs/design.md 2.6): the
+    off-chain nodes of their tree of drafts, then their candidate blocks (``groups`` copies of ``C`` candidates
+    of ``width`` tokens, candidate ``c`` anchored at tree slot ``tree["anchors"][c]``)."""
+
+    tree: dict  # draft_tree.DraftTree.tensors()
+    ahead: torch.Tensor  # (rows,) bool: rows whose block is a verified tree
+    nodes: torch.Tensor  # (rows, nodes) bool: the off-chain tree nodes each row carries
+    copies: torch.Tensor  # (rows, groups * C) bool: the candidate blocks each row carries
+    width: int
+    groups: int
+    chain: int  # tree slots of the chain: the block size
+
+
 def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Tensor, slots: int,
-                candidates: torch.Tensor | None = None, width: int = 0, groups: int = 1) -> TokenMeta:  # fmt: skip
+                scratch: VerifyScratch | None = None) -> TokenMeta:  # fmt: skip
     """Metadata of a decode-engine cache of ``slots`` positions (an ordinary slot's index = its position id), for one step.
 
     Per row: ``length`` committed tokens (clean context), then the active block of ``block_len`` tokens at slots
     ``length ..``; the block is a noisy block (bidirectional) unless ``causal`` (its commit or verifying forward).
     Every other slot (stale provisional keys, positions after an EOS inside the block) is invalid.
 
-    ``candidates`` (``(rows, C)`` bool, one-forward verify): scratch slots before the ``slots`` ordinary ones hold
-    ``C`` candidate next blocks of ``width`` tokens each (in front, so that a prefix of the keys, scratch slots
-    and the first positions, holds everything a step may attend). Candidate ``c`` is anchored at the block's token ``c``:
-    its positions are ``length + c ..``, it sees the context and the block's tokens before ``c`` (the causal
-    block's slots carry their offset as block id, the candidate ``c``), and itself bidirectionally. Candidates
-    that are off for a row, or whose anchor lies past the block, are invalid keys. With ``groups`` > 1,
-    ``candidates`` is ``(rows, groups * C)``: each group is a copy of the ``C`` candidates in a stream of its own.
+    ``scratch`` (an engine with one-forward verify): scratch slots before the ``slots`` ordinary ones (in front, so
+    that a prefix of the keys, scratch slots and the first positions, holds everything a step may attend) hold the
+    off-chain nodes of the verifying rows' trees, then their candidate blocks. A verifying row's block is the
+    tree's chain (slot ``d`` of the block at tree slot ``d``); a tree node at depth ``d`` has position ``length + d``
+    and sees the context and its path. Candidate ``c`` is ``[its anchor's token, MASK ...]`` at positions from the
+    anchor's: it sees the context, the tree above its anchor, and itself bidirectionally; each group of candidates
+    is a stream of its own. Nodes and candidates a row does not carry, or that lie past its block, are invalid keys.
     """
     slot = torch.arange(slots, device=length.device).unsqueeze(0)
     start, end = length.unsqueeze(1), (length + block_len).unsqueeze(1)
@@ -285,14 +318,27 @@ def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Ten
         position=slot.expand(length.shape[0], -1),
         valid=(slot < end),
     )
-    if candidates is None or not candidates.shape[1]:
+    if scratch is None:
         return meta
-    count = candidates.shape[1]
+    tree, width, rows = scratch.tree, scratch.width, length.shape[0]
+    chain = scratch.chain
+    in_tree = in_block & scratch.ahead.unsqueeze(1)
+    offset = (slot - start).clamp(0, chain - 1)
+    meta.pre = torch.where(in_tree, offset, -1)
+    meta.last = torch.where(in_tree, tree["last"][offset], -1)
+    node_depth = tree["depth"][chain:]
+    nodes = TokenMeta(stream=torch.full_like(scratch.nodes, CLEAN, dtype=torch.long),
+                      block=torch.zeros_like(scratch.nodes, dtype=torch.long), position=start + node_depth,
+                      valid=scratch.nodes & (node_depth < block_len.unsqueeze(1)),
+                      pre=tree["pre"][chain:].expand(rows, -1), last=tree["last"][chain:].expand(rows, -1))  # fmt: skip
+    count = scratch.copies.shape[1]
+    per_group = count // scratch.groups
     index = torch.arange(count, device=length.device).repeat_interleave(width)
-    anchor, group = index % (count // groups), index // (count // groups)
-    offset = torch.arange(width, device=length.device).repeat(count)
-    use = candidates.repeat_interleave(width, dim=1) & (anchor < block_len.unsqueeze(1))
-    rows = length.shape[0]
-    scratch = TokenMeta(stream=group.expand(rows, -1), block=anchor.expand(rows, -1),
-                        position=length.unsqueeze(1) + anchor + offset, valid=use)  # fmt: skip
-    return scratch.followed_by(meta)
+    candidate, group = index % per_group, index // per_group
+    anchor = tree["anchors"][candidate]
+    at = tree["depth"][anchor] + torch.arange(width, device=length.device).repeat(count)
+    copies = TokenMeta(stream=group.expand(rows, -1), block=candidate.expand(rows, -1), position=start + at,
+                       valid=scratch.copies.repeat_interleave(width, dim=1)
+                       & (tree["depth"][anchor] < block_len.unsqueeze(1)),
+                       pre=tree["pre"][anchor].expand(rows, -1), last=torch.full_like(at, -1).expand(rows, -1))  # fmt: skip
+    return nodes.followed_by(copies).followed_by(meta)

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers.utils import logging
 
-from .denoise import dense_attention, resolve_policy, verify_by_default, verify_candidates, verify_guesses, verify_plan
+from .denoise import (
+    dense_attention,
+    resolve_policy,
+    verify_by_default,
+    verify_candidates,
+    verify_guesses,
+    verify_plan,
+    verify_tree,
+)
 from .engine import DecodeEngine
 from .policies import NO_STEP_QUOTA, Sampling, per_row_rule
 from .settings import ENGINE_WIDE, SETTINGS, DecodeSettings, SettingError
@@ -107,6 +115,7 @@ class Scheduler:
         self.verify_default = asked.verify if asked.verify is not None else (
             self.block_size > 1 and verify_by_default(model) and not asked.asks_threshold_decoding())  # fmt: skip
         candidates = 0 if self.verify_causally else verify_candidates(verifying, rows, device)
+        verifying = replace(verifying, draft_tree=verify_tree(verifying, rows, device, candidates))
         self.engine = DecodeEngine(
             model, rows=rows, max_length=max_length, block_size=self.block_size, rule=self.rule,
             sampling=self.sampling, confidence=self.defaults.confidence, eos_token_ids=self.defaults.eos_token_ids,
@@ -114,7 +123,7 @@ class Scheduler:
             compile_step=self.defaults.compile_step,
             # verifying requests draft their next block inside the verifying forward (docs/design.md 2.6)
             candidates=candidates, guesses=verify_guesses(verifying, rows, device, candidates),
-            candidate_width=self.defaults.candidate_width,
+            candidate_width=self.defaults.candidate_width, tree=verifying.draft_tree,
         )  # fmt: skip
         self.eos = set(self.defaults.eos_token_ids)
         self._waiting: queue.Queue[Request | None] = queue.Queue()

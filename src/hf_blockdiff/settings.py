@@ -54,6 +54,9 @@ class DecodeSettings:
     # one-forward verify: positions of each candidate block (its anchor, then masks), so at most this many - 1 drafts
     # per block; None: the block size (docs/design.md 2.6)
     candidate_width: int | None = _setting(int, ENGINE)
+    # one-forward verify: nodes of the tree of drafts besides the chain, the likeliest rank paths (draft_tree.py):
+    # greedy rows keep the longest path the causal model agrees with; None / 0: the chain (docs/design.md 2.6)
+    draft_tree: int | None = _setting(int, ENGINE)
     use_cuda_graph: bool | None = _setting(bool, RUNTIME)  # None: on CUDA
     compile_step: bool | None = _setting(bool, RUNTIME)  # torch.compile the captured step (None: with a graph)
 
@@ -85,6 +88,9 @@ class DecodeSettings:
         if self.candidate_width is not None and self.candidate_width < 2:
             raise SettingError(f"candidate_width must be >= 2 (an anchor and at least one mask to draft), got "
                                f"{self.candidate_width!r}; None: the block size.", "candidate_width")  # fmt: skip
+        if self.draft_tree is not None and self.draft_tree < 0:
+            raise SettingError(f"draft_tree must be >= 0 (tree nodes besides the chain; 0: the chain), got "
+                               f"{self.draft_tree!r}.", "draft_tree")  # fmt: skip
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise SettingError(f"threshold must be in [0, 1], got {self.threshold!r}.", "threshold")
         if self.steps_per_block is not None and self.steps_per_block < 1:
