@@ -172,15 +172,16 @@ def run_hf(source, groups, eos, static, time_fn, new=NEW_TOKENS):
                 cache=cache, slots=slots)  # fmt: skip
 
 
-def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, key_window=True, **settings):
+def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, key_window=True, choose_tree=True, **settings):
     from hf_blockdiff.engine import DecodeEngine
 
     kwargs = dict(max_new_tokens=new, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **settings)
     DecodeEngine.key_window = key_window  # read at every step, so a reused engine follows it too
+    DecodeEngine.choose_tree = choose_tree  # (part of the kept engine's key: another value builds a new one)
     try:
         ms, outs, peak = run_groups(lambda inputs: model.generate(**inputs, **kwargs), groups, time_fn)
     finally:
-        DecodeEngine.key_window = True
+        DecodeEngine.key_window = DecodeEngine.choose_tree = True
     tokens = torch.cat([out.num_generated_tokens.float().cpu() for out in outs])
     row_forwards = torch.cat([out.row_forward_passes.float().cpu() for out in outs])
     texts = [t for inputs, out in zip(groups, outs)
@@ -198,11 +199,16 @@ def run_ours(model, groups, eos, time_fn, new=NEW_TOKENS, key_window=True, **set
 
 def decoder_setting(setting: str) -> tuple[str, dict]:
     """(name, generate() settings) of a --settings entry: ``default`` (generate()'s own), ``b:threshold[:eager]``
-    or ``b:verify[:candidates[:guesses[:candidate width (0: b)[:tree nodes]]]]``; prefixed ``all:``, the engine attends every slot of its cache instead of
-    the valid prefix (``DecodeEngine.key_window`` off: the A/B of that)."""
+    or ``b:verify[:candidates[:guesses[:candidate width (0: b)[:tree nodes]]]]``; prefixed ``all:``, the engine
+    attends every slot of its cache instead of the valid prefix (``DecodeEngine.key_window`` off: the A/B of that);
+    prefixed ``fixed:``, a tree of drafts is the fixed tree of a prior instead of chosen per step
+    (``DecodeEngine.choose_tree`` off)."""
     if setting.startswith("all:"):
         name, settings = decoder_setting(setting[len("all:") :])
         return f"{name}, all keys", {**settings, "key_window": False}
+    if setting.startswith("fixed:"):
+        name, settings = decoder_setting(setting[len("fixed:") :])
+        return f"{name}, fixed tree", {**settings, "choose_tree": False}
     if setting == "default":
         return "ours default", {}
     size, threshold, *extra = setting.split(":")
@@ -277,8 +283,10 @@ def main(argv=None):
                         "block_size:verify[:candidates[:guesses[:width]]] (lossless verified decoding; candidates 0: "
                         "two forwards per block; left out: chosen by the batch; guesses: per candidate; width: "
                         "positions per candidate), or default (generate()'s own settings); "
-                        "any of them prefixed all: attends every cache slot instead of the valid prefix")  # fmt: skip
+                        "any of them prefixed all: attends every cache slot instead of the valid prefix, prefixed "
+                        "fixed: checks a fixed tree of drafts instead of one chosen per step")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for the exactness check")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="new tokens per prompt (chat table)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate() (e.g. the fp32 exactness run)")
     parser.add_argument("--no-hf-eager", action="store_true", help="HF static only (eager is slow and no baseline)")
     parser.add_argument("--no-chat", action="store_true", help="only the context grid (no chat-prompt table)")
@@ -334,7 +342,7 @@ def main(argv=None):
                    "the engine's slots, scratch slots for candidates included; HF: its StaticCache).")  # fmt: skip
 
     def save_rows():  # after every group, so a run cut short by a time limit still leaves its table
-        save(args.out, f"Decode engine vs HF generate: {what}, {NEW_TOKENS} new tokens, greedy", rows,
+        save(args.out, f"Decode engine vs HF generate: {what}, {args.new_tokens} new tokens, greedy", rows,
              notes="tok/s counts each row's tokens up to its EOS. HF static is transformers' compiled static-cache "
                    "decode. ms/forward: ours per engine step (one forward serves every row still decoding), HF per "
                    "decode step. tpf: tokens per forward, per row (mean) and for the batch (tokens / row-forwards). "
@@ -373,11 +381,11 @@ def main(argv=None):
         if not args.no_hf:
             release_engine(model)
             if not args.no_hf_eager:
-                measured("HF eager", run_hf(source, groups, eos, False, timed))
-            measured("HF static", run_hf(source, groups, eos, True, timed))
+                measured("HF eager", run_hf(source, groups, eos, False, timed, new=args.new_tokens))
+            measured("HF static", run_hf(source, groups, eos, True, timed, new=args.new_tokens))
         for setting in args.settings:
             name, settings = decoder_setting(setting)
-            measured(name, run_ours(model, groups, eos, timed, **settings))
+            measured(name, run_ours(model, groups, eos, timed, new=args.new_tokens, **settings))
         save_rows()
 
     # The context grid: batch x context, HF static against our decoders, decode-only ms per forward.

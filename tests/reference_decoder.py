@@ -120,14 +120,16 @@ def reference_generate(model, prompt: list[int], *, max_new: int, block_size: in
 
 
 def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int, candidates: int, eos=(),
-                     min_new: int = 0, guesses: int = 1, width: int | None = None, tree=0, anchors=None):  # fmt: skip
+                     min_new: int = 0, guesses: int = 1, width: int | None = None, tree=0, anchors=None,
+                     pool=None):  # fmt: skip
     """One-forward verify (docs/design.md 2.6), greedy, one row, no cache: ``(tokens, committed_at, forwards,
     rejected)`` as the engine should produce them.
 
     A "forward" here is several full forwards from scratch: the tree of drafts walked node by node, each node's
     causal token from a forward over the context and the node's path, and every candidate on its own: the context,
-    the kept path up to its anchor, then masks that see each other. The tree (``tree``, ``anchors``: as
-    ``DraftTree`` takes them) only names which rank paths exist and where candidates are anchored. Where one of the
+    the kept path up to its anchor, then masks that see each other. The tree (``tree``, ``anchors``, ``pool``: as
+    ``DraftTree`` takes them) names which rank paths exist and where candidates are anchored; a tree chosen per step
+    holds the pool's paths that ``DraftTree.choose`` picks from the drafts' own probabilities. Where one of the
     anchor's guesses (the draft's next choices there) is the token after it (the causal one where the kept path
     ends at the anchor, else the path's), the candidate has that token in place of its first mask. ``rejected``: ``(index, drafted tokens dropped)`` for
     every cut draft but the last.
@@ -138,8 +140,8 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
     greedy = Sampling(*(torch.tensor([v], device=DEVICE) for v in (False, 1.0, 0, 1.0)))
     width = min(width or block_size, block_size)  # a candidate: its anchor, then width - 1 masks
     eos_ids = torch.tensor([t for t in eos if t < vocab], dtype=torch.long, device=DEVICE)
-    shape = DraftTree(block_size, tree, candidates, guesses, anchors)
-    paths = set(shape.paths)
+    shape = DraftTree(block_size, tree, candidates, guesses, anchors, pool)
+    tables = shape.tensors(DEVICE)
     anchor_paths = [shape.paths[a] for a in shape.anchors]
     guess_ranks = dict(zip(anchor_paths, shape.guess_rank))
 
@@ -154,18 +156,28 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
         tokens, _, dist = propose(picked, greedy, "probability", mask_id, eos_ids, (produced < min_new)[None],
                                   with_dist=True)  # fmt: skip
         if choices:
-            return tokens[0].tolist(), dist[0].topk(1 + shape.choices, dim=-1).indices[:, 1:].tolist()
+            top = dist[0].topk(1 + shape.choices, dim=-1)
+            return tokens[0].tolist(), top.indices[:, 1:].tolist(), top.values.log()
         return tokens[0].tolist()
+
+    def tree_paths(drafts, logps) -> set:
+        """The rank paths the tree holds this forward: the chain and the carried pool paths."""
+        logp = torch.zeros(1, block_size + 1, 1 + shape.choices, device=DEVICE)
+        logp[0, 1 : 1 + len(drafts)] = logps[: len(drafts)]
+        carried = shape.choose(tables, logp, torch.tensor([1 + len(drafts)], device=DEVICE))[0].tolist()
+        return set(shape.paths[:block_size]) | {shape.paths[s] for s in carried}
 
     def is_stop(token: int, index: int) -> bool:
         return token in eos and index >= min_new
 
     context, generated, committed_at, rejected = list(prompt), [], [], []
     first, first_at, drafts, alternatives = predict(context, len(context) - 1, True, 0)[0], 1, [], []
+    logps = torch.zeros(0, 1 + shape.choices, device=DEVICE)
     forwards = 1
     while True:
         forwards += 1
         chain = [first] + drafts
+        paths = tree_paths(drafts, logps)
         # the walk: from the first token down, the child (a rank path one longer) whose token is the causal one
         path, kept = (), [first]
         while True:
@@ -205,7 +217,8 @@ def reference_verify(model, prompt: list[int], *, max_new: int, block_size: int,
         after = first if offset == 0 else kept[len(anchor) + 1]  # the token after the anchor
         if len(anchor) < len(drafts) and after in [alternatives[len(anchor)][r - 1] for r in guess_ranks[anchor]]:
             seq[at + 1] = after
-        proposed, choices = predict(seq, at, False, len(generated) - keep + len(anchor) + 1, choices=True)
+        proposed, choices, logp = predict(seq, at, False, len(generated) - keep + len(anchor) + 1, choices=True)
         count = min(block_size - 1, width - 1 - offset, left - 1)
         drafts, alternatives = proposed[offset + 1 : offset + 1 + count], choices[offset + 1 : offset + 1 + count]
+        logps = logp[offset + 1 : offset + 1 + count]
         first_at = forwards

@@ -8,6 +8,7 @@ from helpers import DEVICE, EOS, PAD, converted_pair, padded_batch
 from reference_decoder import reference_generate, reference_verify
 from transformers import DynamicCache
 
+from hf_blockdiff.draft_tree import DraftTree
 from hf_blockdiff.engine import DecodeEngine
 from hf_blockdiff.policies import FixedSteps, RepeatGuard, Sampling, Threshold
 
@@ -317,11 +318,12 @@ def verify_against_reference(model, block_size, candidates, guesses, width, tree
             tokens[row] += new
             at[row] += when
         events = engine.step() if any(s.busy for s in engine.slots) else []
+    pool = engine.tree.pool if engine.tree.chosen else None  # (the same pool: the likeliest that many paths)
     for r, prompt in enumerate(prompts):
         expected, when, forwards, rejected = reference_verify(model, prompt, max_new=budgets[r], block_size=block_size,
                                                               candidates=candidates, eos=RARE_STOPS, min_new=2,
                                                               guesses=guesses, width=width, tree=tree,
-                                                              anchors=anchors)  # fmt: skip
+                                                              anchors=anchors, pool=pool)  # fmt: skip
         assert tokens[r] == expected
         assert at[r] == when
         assert engine.forwards[r] == forwards
@@ -339,15 +341,55 @@ def test_a_tree_of_drafts_equals_its_reference_decoder(arch, block_size, candida
     """One-forward verify of a tree of drafts (draft_tree.py) against its brute-force reference (every tree node
     and every candidate its own full forward): the same tokens (block-size-1 greedy), forwards, commit forwards and
     rejected drafts, for rows of different lengths in one batch with stop tokens and budgets inside blocks; trees of
-    the likeliest paths or given ones, candidates anchored on the chain or off it."""
+    trees chosen per step (a number of nodes) or given ones, candidates anchored on the chain or off it."""
     model = pair(arch, block_size)
     engine, rows = verify_against_reference(model, block_size, candidates, guesses, width, tree, anchors)
     assert engine.nodes == (tree if isinstance(tree, int) else len(tree)) > 0
+    assert engine.tree.chosen == isinstance(tree, int)
     for prompt, budget, tokens in rows:
         ids = torch.tensor([prompt], device=DEVICE)
         ar = model.generate(ids, block_size=1, max_new_tokens=budget, min_new_tokens=2, eos_token_id=RARE_STOPS,
                             pad_token_id=PAD)  # fmt: skip
         assert tokens == ar[0, len(prompt) :].tolist()[: len(tokens)]
+
+
+@pytest.mark.parametrize("block_size,candidates,guesses,tree,anchors", [(4, 2, 1, 3, None), (8, 2, 0, 20, [(), (1,)])])
+def test_a_fixed_tree_of_drafts_equals_its_reference_decoder(monkeypatch, block_size, candidates, guesses, tree,
+                                                             anchors):  # fmt: skip
+    """The A/B switch ``DecodeEngine.choose_tree = False``: a number of nodes is the fixed tree of the likeliest paths
+    under the prior, against the reference with that fixed tree."""
+    monkeypatch.setattr(DecodeEngine, "choose_tree", False)
+    engine, _ = verify_against_reference(pair("llama", block_size), block_size, candidates, guesses, None, tree,
+                                         anchors)  # fmt: skip
+    assert not engine.tree.chosen and engine.tree.pool == engine.nodes == tree
+
+
+def test_a_chosen_tree_holds_the_likeliest_pool_paths():
+    """``DraftTree.choose`` against brute force: each row carries the pool paths of the highest summed
+    log-probability (ranks read at each depth), which always include their parents, and none past the block while
+    paths inside it are left."""
+    block_size, nodes = 6, 7
+    tree = DraftTree(block_size, nodes, pool=40)
+    tables = tree.tensors(DEVICE)
+    assert tree.chosen and tree.pool == 40 and tree.nodes == nodes
+    generator = torch.Generator().manual_seed(3)
+    rows = 4
+    logp = torch.rand(rows, block_size + 1, tree.choices + 1, generator=generator).log().sort(-1, descending=True)
+    logp = logp.values.to(DEVICE)
+    block_len = torch.tensor([6, 6, 3, 2], device=DEVICE)
+    carried = tree.choose(tables, logp, block_len).tolist()
+    for row in range(rows):
+        pool = tree.paths[block_size:]
+        inside = [p for p in pool if len(p) < block_len[row]]
+        score = {p: sum(float(logp[row, d + 1, r]) for d, r in enumerate(p)) for p in inside}
+        expected = sorted(inside, key=lambda p: -score[p])[:nodes]
+        chosen = [tree.paths[s] for s in carried[row]]
+        assert len(set(chosen)) == nodes
+        assert set(expected) <= set(chosen) and (len(inside) < nodes or set(chosen) == set(expected))
+        assert all(not any(p[:-1]) or p[:-1] in chosen for p in chosen if p in inside)  # parents: chain or chosen
+    fixed = DraftTree(block_size, nodes)
+    assert not fixed.chosen
+    assert fixed.choose(fixed.tensors(DEVICE), logp, block_len).tolist() == [list(range(6, 6 + nodes))] * rows
 
 
 def test_generate_with_a_tree_of_drafts_gives_block_size_1_tokens():

@@ -213,6 +213,12 @@ class VerifyAhead(DecodingMethod):
         return e.alternatives[:, (t["depth"][t["anchors"]] + 1).unsqueeze(1), t["guess_rank"] - 1]
 
     @staticmethod
+    def carried(e) -> torch.Tensor:
+        """``(rows, tree slots)``: whether each pool path is in the row's tree this step (the chain always is)."""
+        carried = e._tree["on_chain"].expand(e.rows, -1).clone()
+        return carried.scatter_(1, e.carried, True)
+
+    @staticmethod
     def walks(e, ahead) -> torch.Tensor:
         """Rows that walk their tree: greedy ones (a sampling row checks its chain by speculative sampling)."""
         return ahead & ~e.sampling.do_sample
@@ -222,14 +228,17 @@ class VerifyAhead(DecodingMethod):
         ahead = mine & (e.phase == AHEAD)
         walks = self.walks(e, ahead)
         tokens = self.tree_tokens(e)
-        inputs.ids[:, b : b + e.nodes] = tokens[:, b:]
+        if e.nodes:  # the tree this step: the pool's likeliest paths under the drafts' probabilities (or all of it)
+            e.carried.copy_(e.tree.choose(t, e.draft_logp, e.block_len))
+            inputs.ids[:, b : b + e.nodes] = tokens.gather(1, e.carried)
         ids = e.block.new_full((e.rows, e.groups, e.candidates, e.width), e.mask_token_id)
         ids[:, :, :, 0] = tokens[:, t["anchors"]].unsqueeze(1)
         if e.guesses:
             ids[:, 1:, :, 1] = self.guess_tokens(e).transpose(1, 2)
         inputs.ids[:, b + e.nodes :] = ids.flatten(1)
         copies = ahead.unsqueeze(1) & (e._index[: e.candidates] < e.row_candidates.unsqueeze(1))
-        copies &= (t["anchors"] < b) | walks.unsqueeze(1)  # an anchor off the chain exists in walks only
+        # an anchor off the chain exists in walks only, where the row carries it
+        copies &= (t["anchors"] < b) | (walks.unsqueeze(1) & self.carried(e)[:, t["anchors"]])
         scratch = inputs.scratch
         scratch.ahead |= ahead
         scratch.nodes |= walks.unsqueeze(1)
@@ -245,11 +254,13 @@ class VerifyAhead(DecodingMethod):
         tokens = self.tree_tokens(e)
         causal = out.tokens
         if e.nodes:
-            produced = e.generated.unsqueeze(1) + t["depth"][b:] + 1  # the token index each node's logit predicts
+            produced = e.generated.unsqueeze(1) + t["depth"][e.carried] + 1  # the token index each node predicts
             node_causal, _ = propose(e.model.logits_from_hidden(out.hidden[:, b : b + e.nodes]), e.sampling,
                                      e.measure, e.mask_token_id, e.eos, produced < e.min_new.unsqueeze(1))  # fmt: skip
-            causal = torch.cat([causal, node_causal], dim=1)
+            pool = causal.new_full((e.rows, tokens.shape[1] - b), -1)  # (a path not carried: no causal token)
+            causal = torch.cat([causal, pool.scatter(1, e.carried - b, node_causal)], dim=1)
         valid = (t["depth"] < e.block_len.unsqueeze(1)) & (t["on_chain"] | self.walks(e, ahead).unsqueeze(1))
+        valid &= self.carried(e)
         match = valid & (tokens == causal[:, t["parent"]])
         match[:, 0] = True
         kept = match[:, t["path_of"]].all(dim=-1)  # (exactly one path: siblings hold distinct choices)
@@ -264,7 +275,9 @@ class VerifyAhead(DecodingMethod):
         path, kept = self.walk(e, ahead, out)
         if e.nodes:  # the kept nodes off the chain: their keys and values go to their positions' slots
             target = e.scratch + e.length.unsqueeze(1) + e._index
-            e.cache.move(torch.where(path >= e.block_size, path - e.block_size, target), target)
+            nodes = torch.arange(e.nodes, device=e.device).expand(e.rows, -1)
+            slot_of = e.carried.new_zeros(e.rows, e._tree["depth"].shape[0]).scatter(1, e.carried, nodes)  # scratch
+            e.cache.move(torch.where(path >= e.block_size, slot_of.gather(1, path), target), target)
         keep, ends, first, report = keep_verified(e, ahead, out, kept)
         self._draft_next(e, mine, ahead, out.hidden, keep, ends, first, report, path)
 
@@ -305,9 +318,11 @@ class VerifyAhead(DecodingMethod):
         if e._sampling:
             e.draft_dist[:, 1:] = torch.where((go_on.unsqueeze(1) & use).unsqueeze(-1), dist, e.draft_dist[:, 1:])
         if e.guesses or e.nodes:
-            choices = dist.topk(1 + e.alternatives.shape[-1], dim=-1).indices[..., 1:]
-            e.alternatives[:, 1:-1] = torch.where(go_on.view(-1, 1, 1), choices, e.alternatives[:, 1:-1])
+            top = dist.topk(1 + e.alternatives.shape[-1], dim=-1)
+            e.alternatives[:, 1:-1] = torch.where(go_on.view(-1, 1, 1), top.indices[..., 1:], e.alternatives[:, 1:-1])
             e.alternatives[:, -1] = e.mask_token_id  # (after the block: no guess)
+            if e.tree.chosen:  # what the next step's tree is chosen by
+                e.draft_logp[:, 1:-1] = torch.where(go_on.view(-1, 1, 1), top.values.log(), e.draft_logp[:, 1:-1])
         at = torch.where(e._index == 0, e.forwards.unsqueeze(1), -1)
         e.committed_at.copy_(torch.where(go_on.unsqueeze(1), at, e.committed_at))
         e.block_len.copy_(torch.where(go_on, 1 + count, torch.where(done, 0, e.block_len)))

@@ -347,7 +347,10 @@ GUESS_RATIO = 3
 # the candidates are what fits the budget without them, the copies fill what the tree leaves. H200, bf16,
 # smollm2-bd16, 40 chat prompts alone, 128 tokens, one run (engine_tree_b1_move.md): 3 x 9 with the chain 2.45 tokens
 # per forward at 3.31 ms, 710 tok/s (2.38x HF static); 3 x 8 with 64 nodes 2.62 at 3.37 ms, 742 tok/s (2.49x);
-# 3 x 9 with 32 nodes 2.53 at 3.80 ms, 644 tok/s. Other batches are not measured: the chain there.
+# 3 x 9 with 32 nodes 2.53 at 3.80 ms, 644 tok/s. Other batches are not measured: the chain there. That was a fixed
+# tree; chosen per step (DecodeEngine.choose_tree) the same plan keeps 2.342 tokens per forward instead of 2.215 on
+# the CPU (fp32, 6 prompts, engine_tree_chosen_cpu_fp32.md), and more nodes with fewer copies keep more (1 x 8 with
+# 352 nodes: 2.445); which split is fastest on a GPU is not measured yet.
 DEFAULT_TREE = 64
 
 
@@ -459,7 +462,7 @@ def decode_engine(model, policy: DenoisePolicy, rows: int, max_length: int, devi
            policy.use_cuda_graph, policy.compile_step, candidates, guesses, policy.candidate_width, tree,
            structure_of((rule, sampling)),
            hash(weights),
-           DecodeEngine.grouped_sdpa)  # fmt: skip
+           DecodeEngine.grouped_sdpa, DecodeEngine.choose_tree)  # fmt: skip
     holder = model.__dict__.setdefault("_blockdiff_engine", _EngineHolder())
     engine = holder.engine
     if engine is not None and engine.key == key:

@@ -35,7 +35,7 @@ from transformers.utils import logging
 from .attention import CAUSAL, grouped_attention
 from .compat import cache_argument
 from .decoding import COMMIT, DENOISE, IDLE, Denoising, DraftVerify, StepInputs, StepOutput, VerifyAhead
-from .draft_tree import DraftTree
+from .draft_tree import POOL_PER_NODE, DraftTree
 from .masks import VerifyScratch, decode_meta, layer_windows
 from .noisy_adapter import has_adapter, set_gate
 from .policies import CommitRule, Sampling, propose
@@ -176,8 +176,10 @@ class DecodeEngine:
             may reject), one of which is used when it guessed right.
         candidate_width: positions of a candidate (its anchor token, then masks), so a drafted block holds at most
             ``candidate_width - 1`` drafts; None (or more than ``block_size``): the block size.
-        tree: one-forward verify checks a tree of drafts (:mod:`draft_tree`): this many nodes besides the chain (the
-            likeliest), or their rank paths; greedy rows walk it, sampling rows check the chain only. 0: the chain.
+        tree: one-forward verify checks a tree of drafts (:mod:`draft_tree`): this many nodes besides the chain,
+            chosen each step from a pool of paths by the drafter's probabilities (a fixed tree of the likeliest
+            paths under a prior where :attr:`choose_tree` is off), or their rank paths (a fixed tree); greedy rows
+            walk it, sampling rows check the chain only. 0: the chain.
         anchors: rank paths of the tree nodes the candidates are anchored at (None: the chain's first ones).
     """
 
@@ -195,6 +197,10 @@ class DecodeEngine:
     # output or its keys (they are stale slots). False (on the class or one engine) measures the masked prefill.
     causal_prefill = True
     MIN_WINDOW = 256  # the smallest window: fewer graphs for short requests, which cost the same anyway
+    # Whether a tree of drafts given as a number of nodes is chosen per step from a pool of paths by the drafter's
+    # own probabilities (draft_tree.py) instead of fixed by a prior; lossless either way. False (on the class, or on
+    # one engine before it is built) measures the fixed tree (bench_engine.py settings prefixed fixed:).
+    choose_tree = True
 
     def __init__(self, model, rows: int, max_length: int, block_size: int, rule: CommitRule, sampling: Sampling,
                  confidence: str = "probability", eos_token_ids=(), pad_token_id: int = 0,
@@ -227,7 +233,10 @@ class DecodeEngine:
         self.guesses = guesses if self.candidates else 0
         self.groups = 1 + self.guesses  # candidates without a guess of the causal token they follow, then with each
         # the tree of drafts a one-forward-verifying row checks: the chain at its slots, other nodes in scratch slots
-        self.tree = DraftTree(block_size, tree, self.candidates, self.guesses, anchors) if self.candidates else None
+        pool = POOL_PER_NODE * tree if self.choose_tree and isinstance(tree, int) else None
+        self.tree = None
+        if self.candidates:
+            self.tree = DraftTree(block_size, tree, self.candidates, self.guesses, anchors, pool)
         self.nodes = self.tree.nodes if self.tree else 0
         self.scratch = self.nodes + self.groups * self.candidates * self.width  # scratch slots, before the positions
         self.queries = block_size + self.scratch
@@ -256,8 +265,13 @@ class DecodeEngine:
         self.verify = torch.zeros(rows, dtype=torch.bool, device=device)  # rows whose block holds drafts
         self.row_candidates = torch.zeros(rows, **long)  # candidates a one-forward-verify row uses (<= candidates)
         self.proposal = torch.zeros(rows, block_size, **long)
-        # the draft's next choices at each position (the guesses of its copies), a mask where there is none
-        self.alternatives = torch.zeros(rows, block_size + 1, self.tree.choices if self.tree else 1, **long)
+        # the draft's next choices at each position (the guesses of its copies), a mask where there is none; the
+        # log-probability of each position's choices (rank 0: the draft), which choose a tree per step
+        choices = self.tree.choices if self.tree else 1
+        self.alternatives = torch.zeros(rows, block_size + 1, choices, **long)
+        self.draft_logp = torch.zeros(rows, block_size + 1, 1 + choices, device=device)
+        # the pool slots (draft_tree.py) each row's tree nodes carry this step
+        self.carried = torch.zeros(rows, self.nodes, **long)
         self.events = torch.zeros(rows, StepEvents.size(block_size), **long)
         self._table = None  # the last step's events on the host (see committed())
         self.vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -278,10 +292,10 @@ class DecodeEngine:
         self._body = torch.compile(self._step_body, dynamic=False) if self._compiled else self._step_body
         self._index = torch.arange(block_size, device=device)
         # Per query position: its offset from the row's length and its cache slot. The block, then the tree's other
-        # nodes (at their depth), then the candidates (candidate c: its anchor's depth + j).
+        # nodes (at their depth: per row, see _forward), then the candidates (candidate c: its anchor's depth + j).
         self._tree = self.tree.tensors(device) if self.tree else None
         q = torch.arange(self.queries - block_size - self.nodes, device=device)
-        depths = [self._tree["depth"][block_size:], self._tree["depth"][self._tree["anchors"]][
+        depths = [torch.zeros(self.nodes, **long), self._tree["depth"][self._tree["anchors"]][
             (q // self.width) % self.candidates] + q % self.width] if self.tree else []  # fmt: skip
         self._offsets = torch.cat([self._index, *depths])
         self._scratch = torch.cat([torch.zeros_like(self._index), torch.arange(self.scratch, device=device)])
@@ -333,7 +347,12 @@ class DecodeEngine:
                 scratch = self._no_scratch(ids.shape[0])
             offset = length + self.scratch
         else:
-            positions = length.unsqueeze(1) + self._offsets
+            offsets = self._offsets.expand(ids.shape[0], -1)
+            if self.nodes:  # tree nodes sit at their depth
+                b = self.block_size
+                depth = self._tree["depth"][scratch.carried]
+                offsets = torch.cat([offsets[:, :b], depth, offsets[:, b + self.nodes :]], dim=1)
+            positions = length.unsqueeze(1) + offsets
             slots = offset = torch.where(self._is_block, positions + self.scratch, self._scratch)
         window = self.cache.window - self.scratch if self.cache.window is not None else self.slots_per_row
         self.cache.write_index, self.cache.rows = slots, rows
@@ -359,7 +378,7 @@ class DecodeEngine:
         """Scratch slots that no row of an ``n``-row forward uses (verifying rows' methods fill them in)."""
         off = lambda width: torch.zeros(n, width, dtype=torch.bool, device=self.device)  # noqa: E731
         return VerifyScratch(self._tree, off(1)[:, 0], off(self.nodes), off(self.groups * self.candidates),
-                             self.width, self.groups, self.block_size)  # fmt: skip
+                             self.width, self.groups, self.block_size, self.carried[:n])  # fmt: skip
 
     def _step_body(self):
         """One forward plus everything it decides, as device operations only (no host reads, no data-dependent
@@ -463,7 +482,7 @@ class DecodeEngine:
             self._graphs.clear()
 
     _STATE = ("block", "filled", "length", "block_len", "phase", "generated", "steps", "forwards", "committed_at",
-              "ended", "draft_dist", "alternatives")  # fmt: skip
+              "ended", "draft_dist", "alternatives", "draft_logp", "carried")  # fmt: skip
 
     def _state(self):
         return {name: getattr(self, name).clone() for name in self._STATE if getattr(self, name) is not None}

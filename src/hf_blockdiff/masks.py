@@ -290,6 +290,7 @@ class VerifyScratch:
     width: int
     groups: int
     chain: int  # tree slots of the chain: the block size
+    carried: torch.Tensor  # (rows, nodes): the pool slot (draft_tree.py) each tree node of a row holds
 
 
 def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Tensor, slots: int,
@@ -302,9 +303,9 @@ def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Ten
 
     ``scratch`` (an engine with one-forward verify): scratch slots before the ``slots`` ordinary ones (in front, so
     that a prefix of the keys, scratch slots and the first positions, holds everything a step may attend) hold the
-    off-chain nodes of the verifying rows' trees, then their candidate blocks. A verifying row's block is the
-    tree's chain (slot ``d`` of the block at tree slot ``d``); a tree node at depth ``d`` has position ``length + d``
-    and sees the context and its path. Candidate ``c`` is ``[its anchor's token, MASK ...]`` at positions from the
+    off-chain nodes of the verifying rows' trees (each the pool path ``scratch.carried`` names), then their candidate
+    blocks. A verifying row's block is the tree's chain (slot ``d`` of the block at tree slot ``d``); a tree node at
+    depth ``d`` has position ``length + d`` and sees the context and its path. Candidate ``c`` is ``[its anchor's token, MASK ...]`` at positions from the
     anchor's: it sees the context, the tree above its anchor, and itself bidirectionally; each group of candidates
     is a stream of its own. Nodes and candidates a row does not carry, or that lie past its block, are invalid keys.
     """
@@ -326,11 +327,12 @@ def decode_meta(length: torch.Tensor, block_len: torch.Tensor, causal: torch.Ten
     offset = (slot - start).clamp(0, chain - 1)
     meta.pre = torch.where(in_tree, offset, -1)
     meta.last = torch.where(in_tree, tree["last"][offset], -1)
-    node_depth = tree["depth"][chain:]
+    carried = scratch.carried
+    node_depth = tree["depth"][carried]
     nodes = TokenMeta(stream=torch.full_like(scratch.nodes, CLEAN, dtype=torch.long),
                       block=torch.zeros_like(scratch.nodes, dtype=torch.long), position=start + node_depth,
                       valid=scratch.nodes & (node_depth < block_len.unsqueeze(1)),
-                      pre=tree["pre"][chain:].expand(rows, -1), last=tree["last"][chain:].expand(rows, -1))  # fmt: skip
+                      pre=tree["pre"][carried], last=tree["last"][carried])  # fmt: skip
     count = scratch.copies.shape[1]
     per_group = count // scratch.groups
     index = torch.arange(count, device=length.device).repeat_interleave(width)
